@@ -1,0 +1,125 @@
+"""Host-side helpers shared by the kernel launchers: dtype rules, tile configuration, argument checks."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+MAX_CENTERS_PER_CLASS = 1024
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation / softmax dtype: fp64 when any operand is fp64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """Operand dtype of tl.dot: the promotion of both inputs.
+
+    bf16 dots are upcast to fp32 under the interpreter, which multiplies raw bf16 bit patterns
+    (triton issue 11584); on a GPU bf16 stays bf16.
+    """
+    dt = torch.promote_types(x_dtype, w_dtype)
+    if dt == torch.bfloat16 and interpreting():
+        return torch.float32
+    return dt
+
+
+def dot_precision(dt: torch.dtype) -> str:
+    """fp32 dots follow torch.get_float32_matmul_precision(): "highest" -> IEEE fp32, else TF32."""
+    if dt == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # rows of embeddings per tile
+    block_c: int  # whole classes per tile
+    kp: int       # K padded to a power of two (lanes per class)
+    block_d: int  # embedding-dimension chunk of each tl.dot
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return self.block_c * self.kp
+
+
+def tile_config(N: int, d: int, C: int, K: int, device: torch.device, block_m: int | None = None) -> TileConfig:
+    """Fixed default tiles (no autotuning on the default path).
+
+    Interpreter: large tiles, since each Triton op is one numpy call. GPU: 64 x 128 tiles.
+    tl.dot needs every dimension >= 16.
+    """
+    kp = triton.next_power_of_2(K)
+    target_m = block_m or (128 if (device.type == "cuda" or interpreting()) else 64)
+    block_c = min(max(1, target_m // kp), triton.next_power_of_2(C))
+    while block_c * kp < 16:  # tl.dot needs >= 16 columns
+        block_c *= 2
+    block_n = 64 if device.type == "cuda" else max(16, min(64, triton.next_power_of_2(N)))
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    return TileConfig(block_n=block_n, block_c=block_c, kp=kp, block_d=block_d,
+                      num_warps=8 if block_c * kp >= 128 else 4)
+
+
+def split_count(programs: int, work_items: int, device: torch.device, splits: int | None) -> int:
+    """How many independent splits of the loop dimension to launch so the GPU is full.
+
+    Each split writes its own partial result, reduced afterwards in a fixed order (deterministic).
+    """
+    if splits is not None:
+        return max(1, min(int(splits), work_items))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(programs, 1))
+    return max(1, min(want, work_items))
+
+
+def check_operands(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, K: int) -> None:
+    """Shape/dtype/device checks shared by all launchers (the user-facing API validates earlier)."""
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"expected x [N, d] and w [d, C*K]; got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"x has width {x.shape[1]} but w has height {w.shape[0]}")
+    if K < 1 or K > MAX_CENTERS_PER_CLASS or w.shape[1] % K:
+        raise ValueError(f"K={K} must be in [1, {MAX_CENTERS_PER_CLASS}] and divide w.shape[1]={w.shape[1]}")
+    if rw.shape != (w.shape[1],):
+        raise ValueError(f"rw must have shape ({w.shape[1]},), got {tuple(rw.shape)}")
+    for name, t in (("x", x), ("w", w)):
+        if t.dtype not in _TL_DTYPES:
+            raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64; got {t.dtype}")
+    if rw.dtype != acc_dtype(x.dtype, w.dtype):
+        raise TypeError(f"rw must be {acc_dtype(x.dtype, w.dtype)}, got {rw.dtype}")
+    if not (x.device == w.device == rw.device):
+        raise ValueError(f"x, w, rw on different devices: {x.device}, {w.device}, {rw.device}")
+    if x.device.type == "cpu" and not interpreting():
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing triton); "
+                           "use backend='torch' for the fast CPU path")
+
+
+def tl_dtype(dt: torch.dtype):
+    return _TL_DTYPES[dt]
+
+
+def hyper_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scalar hyper-parameters as a small tensor so fp64 kernels see them unrounded."""
+    return torch.tensor(list(values), dtype=dtype, device=device)
