@@ -42,6 +42,12 @@ def dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
     return dt
 
 
+def grad_dot_dtype(dt: torch.dtype) -> torch.dtype:
+    """Operand dtype of the gradient dots (ds @ w^T, x^T @ ds). dL/ds can exceed fp16's range at extreme
+    la / gamma (|ds| <= g * la * (1 + 2 / gamma)), so fp16 inputs take fp32 gradient dots; bf16 has fp32's range."""
+    return torch.float32 if dt == torch.float16 else dt
+
+
 def dot_precision(dt: torch.dtype) -> str:
     """fp32 dots follow torch.get_float32_matmul_precision(): "highest" -> IEEE fp32, else TF32."""
     if dt == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":

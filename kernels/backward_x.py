@@ -1,0 +1,105 @@
+"""Backward kernel for the embeddings: dL/dx = sum_j ds_ij * rw_j * w_j, recomputing tiles.
+
+Grid: (row blocks, class splits). A program owns BLOCK_N rows of one split's partial gradient, walks
+that split's class tiles in order, recomputes the similarity tile and the inner softmax from the inputs
+and the saved per-row log-sum-exp (nothing of size N x (C*K) is stored), forms dL/ds in registers and
+adds ds @ w_tile^T into its rows. No two programs write the same address and the split partials are
+summed in a fixed order: results are bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import (acc_dtype, check_operands, dot_dtype, dot_precision, grad_dot_dtype, hyper_tensor,
+                     split_count, tile_config, tl_dtype)
+from .tiles import grad_similarity, inner_softmax, load_hyper, similarity_tile, tile_lanes, upstream_grad
+
+
+@triton.jit
+def softtriple_bwd_x_kernel(
+    x_ptr, w_ptr, rw_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, hp_ptr, dx_ptr,
+    N, d, C, K, n_tiles, tiles_per_split,
+    stride_xn, stride_xd, stride_wd, stride_wm, stride_dsn, stride_dsc,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    LOGITS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    BLOCK_M: tl.constexpr = BLOCK_C * KP
+    la, inv_gamma, margin = load_hyper(hp_ptr)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    # dx partial of this split: [n_splits, N, d] contiguous, accumulated in ACC_DTYPE
+    dx_rows = dx_ptr + pid_s.to(tl.int64) * N * d + rows.to(tl.int64)[:, None] * d
+
+    t_begin = pid_s * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    for t in range(t_begin, t_end):
+        c0 = t * BLOCK_C
+        cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
+        _, s, rw = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
+                                   stride_xn, stride_xd, stride_wd, stride_wm,
+                                   BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+        p3, s3, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
+        cls = c0 + tl.arange(0, BLOCK_C)
+        gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
+                           stride_dsn, stride_dsc, la, margin, LOGITS)
+        ds = grad_similarity(gS, p3, s3, S, inv_gamma, BLOCK_N, BLOCK_M)
+        ds = (ds * rw[None, :]).to(GRAD_DTYPE)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            offs_d64 = offs_d.to(tl.int64)
+            wt = tl.load(w_ptr + cols[:, None] * stride_wm + offs_d64[None, :] * stride_wd,
+                         mask=col_mask[:, None] & d_mask[None, :], other=0.0).to(GRAD_DTYPE)
+            ptrs = dx_rows + offs_d64[None, :]
+            msk = row_mask[:, None] & d_mask[None, :]
+            cur = tl.load(ptrs, mask=msk, other=0.0)
+            cur = tl.dot(ds, wt, cur, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            tl.store(ptrs, cur, mask=msk)
+
+
+def softtriple_backward_x(x, w, rw, labels, g, lse, dS, K: int, la: float, gamma: float, margin: float,
+                          splits: int | None = None, block_m: int | None = None) -> torch.Tensor:
+    """dL/dx [N, d] in the accumulation dtype.
+
+    Loss mode (dS is None): upstream gradient g [N] per row and the forward's lse [N].
+    Logits mode (dS [N, C] given): backward of S = get_logits(x).
+    """
+    check_operands(x, w, rw, K)
+    N, d = x.shape
+    C = w.shape[1] // K
+    acc = acc_dtype(x.dtype, w.dtype)
+    dot = dot_dtype(x.dtype, w.dtype)
+    cfg = tile_config(N, d, C, K, x.device, block_m)
+    n_row_blocks = triton.cdiv(N, cfg.block_n)
+    n_tiles = triton.cdiv(C, cfg.block_c)
+    n_splits = split_count(n_row_blocks, n_tiles, x.device, splits)
+    tiles_per_split = triton.cdiv(n_tiles, n_splits)
+    n_splits = triton.cdiv(n_tiles, tiles_per_split)
+    logits = dS is not None
+    dummy = torch.empty((1,), dtype=acc, device=x.device)
+    if logits:
+        if dS.shape != (N, C):
+            raise ValueError(f"dS must have shape ({N}, {C}), got {tuple(dS.shape)}")
+        y, g, lse = torch.empty((1,), dtype=torch.int64, device=x.device), dummy, dummy
+        ds_arg, sdn, sdc = dS, dS.stride(0), dS.stride(1)
+    else:
+        y, ds_arg, sdn, sdc = labels, dummy, 0, 0
+    dx = torch.zeros((n_splits, N, d), dtype=acc, device=x.device)
+    if N > 0 and d > 0:
+        softtriple_bwd_x_kernel[(n_row_blocks, n_splits)](
+            x, w, rw, y, g, lse, ds_arg, hyper_tensor((la, 1.0 / gamma, margin), acc, x.device), dx,
+            N, d, C, K, n_tiles, tiles_per_split,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), sdn, sdc,
+            BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
+            DOT_DTYPE=tl_dtype(dot), GRAD_DTYPE=tl_dtype(grad_dot_dtype(dot)), ACC_DTYPE=tl_dtype(acc),
+            PRECISION=dot_precision(dot), LOGITS=logits,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dx[0] if n_splits == 1 else dx.sum(dim=0)

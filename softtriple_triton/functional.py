@@ -1,0 +1,93 @@
+"""Functional API (layer 3): ``softtriple_loss`` and ``softtriple_logits``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
+from .cpu import torch_logits, torch_loss_rows
+from .reference import reference_logits, reference_softtriple_loss
+from .regularizer import center_regularizer
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _inverse_norms(fc: Tensor, dtype: torch.dtype) -> Tensor:
+    # differentiable; same semantics as F.normalize: 1 / max(||w_j||, 1e-12)
+    return torch.linalg.vector_norm(fc.to(dtype), dim=0).clamp_min(1e-12).reciprocal()
+
+
+def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_class: int, la: float = 20.0,
+                    gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01, normalize_embeddings: bool = True,
+                    reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SoftTriple loss (Qian et al., ICCV 2019).
+
+    Args:
+        embeddings: [N, d] fp16/bf16/fp32/fp64.
+        fc: centers [d, C*K]; column ``c*K + k`` is center k of class c (normalised per column here).
+        labels: [N] integer class indices in [0, C).
+        centers_per_class: K.
+        la: scale of the class logits (lambda in the paper).
+        gamma: temperature of the inner softmax over the K centers (0.1 multiplies by 10).
+        tau: weight of the center regulariser (skipped when 0 or K == 1).
+        margin: subtracted from the true class's similarity (delta in the paper).
+        normalize_embeddings: L2-normalise the rows of ``embeddings`` first.
+        reduction: "mean" | "sum" | "none". With "none" the per-sample classification losses [N] are
+            returned and the regulariser is not included (it belongs to the centers, not to a sample;
+            add ``tau * center_regularizer(fc, K)`` yourself).
+        backend: "auto" (triton on CUDA, torch elsewhere) | "triton" | "torch" | "reference".
+
+    Returns the loss in fp32 (fp64 when an input is fp64), whatever the input dtypes; autocast is
+    disabled inside. Non-finite inputs propagate (NaN/inf in, NaN out), like PyTorch's losses.
+    """
+    check_hyper(centers_per_class, la, gamma, tau, margin, reduction, backend, normalize_embeddings)
+    check_embeddings_and_centers(embeddings, fc, centers_per_class)
+    K = int(centers_per_class)
+    C = fc.shape[1] // K
+    labels = check_labels(labels, embeddings.shape[0], C, embeddings.device)
+    be = resolve_backend(backend, embeddings.device, K)
+    la, gamma, tau, margin = float(la), float(gamma), float(tau), float(margin)
+    acc = _acc_dtype(embeddings, fc)
+
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if be == "reference":
+            return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
+                                             normalize_embeddings, reduction)
+        x = F.normalize(embeddings, p=2, dim=1) if normalize_embeddings else embeddings
+        if be == "triton":
+            rows, _ = ops.loss_op(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
+        else:
+            rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin)
+        if reduction == "none":
+            return rows
+        loss = rows.mean() if reduction == "mean" else rows.sum()
+        if tau > 0 and K > 1:
+            loss = loss + tau * center_regularizer(fc, K)
+        return loss
+
+
+def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, gamma: float = 0.1,
+                      normalize_embeddings: bool = True, backend: str = "auto") -> Tensor:
+    """Relaxed class similarities S [N, C] = sum_k softmax_k(s/gamma) * s (no margin, no la); differentiable.
+
+    Computed by the same fused machinery as the loss (no N x C*K tensor on the triton/torch backends).
+    fp32 output (fp64 for fp64 inputs).
+    """
+    check_hyper(centers_per_class, 1.0, gamma, 0.0, 0.0, "mean", backend, normalize_embeddings)
+    check_embeddings_and_centers(embeddings, fc, centers_per_class)
+    K = int(centers_per_class)
+    be = resolve_backend(backend, embeddings.device, K)
+    acc = _acc_dtype(embeddings, fc)
+    gamma = float(gamma)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        if be == "reference":
+            return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
+        x = F.normalize(embeddings, p=2, dim=1) if normalize_embeddings else embeddings
+        if be == "triton":
+            return ops.logits_op(x, fc, _inverse_norms(fc, acc), K, gamma)
+        return torch_logits(x, fc, K, gamma)
