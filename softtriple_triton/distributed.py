@@ -153,7 +153,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        pass
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         g = grad[ctx.start:ctx.end]
         if ctx.grad_scale != 1.0:
             g = g * ctx.grad_scale
