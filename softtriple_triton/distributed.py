@@ -188,35 +188,41 @@ class _AllReduceSumLocalGrad(torch.autograd.Function):
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
-    """Per-sample ``logsumexp_c z_ic - z_{i, y_i}`` over class-sharded logits ``z_local [N, C_loc]``.
+    """Per-sample ``logsumexp_c z_ic - z_{i, y_i}`` with ``z = la * (S - margin * onehot(y))`` over
+    class-sharded similarities ``S_local [N, C_local]``.
 
-    ``target`` [N] holds the local column of the label where this rank owns it (any valid index
-    elsewhere), ``owned`` [N] whether it does. The result [N] is the same on every rank. The
-    backward is local: ``dz = g * (softmax - onehot)`` with the global normaliser saved in forward.
+    ``target`` [N] holds the local column of the label where this rank owns it (0 elsewhere),
+    ``owned`` [N] whether it does. The result [N] is the same on every rank. Collectives: one
+    all_reduce(MAX) of the row maxima, one all_reduce(SUM) of the stacked [sum-exp, target logit].
+    The backward is local: ``dS = la * g * (softmax(z) - onehot)``, with the global normaliser saved
+    in the forward. One [N, C_local] tensor is kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, z, target, owned, group):
-        z = z.detach()
+    def forward(ctx, S, target, owned, la, margin, group):
+        rows = torch.nonzero(owned).squeeze(1)
+        z = S.detach() * la
+        if margin != 0.0:
+            z[rows, target[rows]] -= la * margin
         row_max = z.max(dim=1).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        e = torch.exp(z - row_max[:, None])
-        tgt = z.gather(1, target[:, None]).squeeze(1)
-        tgt = torch.where(owned, tgt, torch.zeros_like(tgt))
+        tgt = torch.zeros_like(row_max)
+        tgt[rows] = z[rows, target[rows]]
+        e = z.sub_(row_max[:, None]).exp_()  # z is not needed any more: reuse its memory
         buf = torch.stack([e.sum(dim=1), tgt])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         sumexp, tgt = buf[0], buf[1]
-        ctx.save_for_backward(e, sumexp, target, owned)
+        ctx.save_for_backward(e, sumexp, target, rows)
+        ctx.la = la
         return row_max + torch.log(sumexp) - tgt
 
     @staticmethod
     def backward(ctx, g):
-        e, sumexp, target, owned = ctx.saved_tensors
+        e, sumexp, target, rows = ctx.saved_tensors
         dz = e / sumexp[:, None]
-        rows = torch.nonzero(owned).squeeze(1)
         dz[rows, target[rows]] -= 1.0
-        dz.mul_(g[:, None])
-        return dz, None, None, None
+        dz.mul_((g * ctx.la)[:, None])
+        return dz, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,11 +272,7 @@ def sharded_softtriple_loss(embeddings: torch.Tensor, labels: torch.Tensor, fc_l
     S = _logits(x, fc_local, K, gamma, normalize_embeddings, backend)  # [N, C_local]
     owned = (y >= class_start) & (y < class_start + c_local)
     target = torch.where(owned, y - class_start, torch.zeros_like(y))
-    margin_m = torch.zeros_like(S)
-    rows = torch.nonzero(owned).squeeze(1)
-    margin_m[rows, target[rows]] = margin
-    z = la * (S - margin_m)
-    per_sample = _ShardedCrossEntropy.apply(z, target, owned, group)
+    per_sample = _ShardedCrossEntropy.apply(S, target, owned, float(la), float(margin), group)
 
     if reduction == "none":
         return per_sample
