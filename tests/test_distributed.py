@@ -475,3 +475,25 @@ def test_gloo_cuda_tensors_world3_shared_gpu(tmp_path):
                          timeout=300)
     print("\ngloo on CUDA tensors, world size 3: " + _report(per_rank, CASES_3, BACKENDS, float("nan")))
     _check(per_rank, CASES_3, BACKENDS)
+
+
+@pytest.mark.distributed
+def test_torchrun_example_two_processes():
+    """examples/torchrun_sharded.py under torchrun with 2 processes (gloo), float64: its first-step
+    check against the single-process loss and gradients must show float64 round-off only."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "examples", "torchrun_sharded.py"), "--steps", "3", "--dtype", "float64"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = [line for line in proc.stdout.splitlines() if line.startswith("[check rank")]
+    assert len(checks) == 2, proc.stdout
+    rels = [float(v) for line in checks for v in re.findall(r"rel ([0-9.e+-]+)", line)]
+    assert len(rels) == 6 and max(rels) <= RTOL, checks
+    assert "done: 3 steps" in proc.stdout
