@@ -277,15 +277,25 @@ def _free_port() -> int:
 
 
 def run_group(world, cases, backends, outdir, pg_backend="gloo", device_kind="cpu",
-              dtype_name="float64", timeout=GROUP_TIMEOUT_S):
-    """Start ``world`` processes, run ``cases`` on every rank, return the per-rank results."""
+              dtype_name="float64", timeout=GROUP_TIMEOUT_S, env=None):
+    """Start ``world`` processes, run ``cases`` on every rank, return the per-rank results.
+    ``env``: extra environment variables of the children (set only while they start)."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, cases, backends, str(outdir),
                                                pg_backend, device_kind, dtype_name), daemon=True)
              for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    try:
+        os.environ.update(env or {})
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     deadline = time.monotonic() + timeout
     failed = False
     while time.monotonic() < deadline:
@@ -409,6 +419,30 @@ def test_print_exactness_table(group2, group3, capsys):
     with capsys.disabled():
         print("\nworld size 2: " + _report(group2[0], CASES_2, BACKENDS, group2[1]))
         print("world size 3: " + _report(group3[0], CASES_3, BACKENDS, group3[1]))
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+INTERPRETER_CASES = {k: CASES_2[k] for k in ("even", "uneven_split_and_batch", "labels_on_rank1_only",
+                                             "no_normalize_big_margin", "float32", "train_ddp_backbone")}
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _core_available() or not _triton_importable(), reason="needs the core package and triton")
+def test_world2_triton_backend_under_interpreter(tmp_path):
+    """The Triton kernels (the CUDA production path) inside the sharded loss, on CPU through Triton's
+    interpreter (TRITON_INTERPRET=1 in the ranks' environment), world size 2."""
+    t0 = time.perf_counter()
+    per_rank = run_group(2, INTERPRETER_CASES, ["triton"], tmp_path, env={"TRITON_INTERPRET": "1"})
+    print("\ntriton interpreter, world size 2: "
+          + _report(per_rank, INTERPRETER_CASES, ["triton"], time.perf_counter() - t0))
+    _check(per_rank, INTERPRETER_CASES, ["triton"])
 
 
 def test_class_split_bounds():
