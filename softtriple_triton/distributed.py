@@ -41,7 +41,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .reference import reference_logits, reference_regularizer

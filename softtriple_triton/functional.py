@@ -17,6 +17,15 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _normalized_rows(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
+    """Embeddings as the kernels consume them: normalised in the accumulation dtype, then stored in the
+    promotion of both input dtypes (one rounding; bf16 embeddings with fp32 centers stay fp32)."""
+    dt = torch.promote_types(embeddings.dtype, fc.dtype)
+    if not normalize:
+        return embeddings.to(dt)
+    return F.normalize(embeddings.to(acc), p=2, dim=1).to(dt)
+
+
 def _inverse_norms(fc: Tensor, dtype: torch.dtype) -> Tensor:
     # differentiable; same semantics as F.normalize: 1 / max(||w_j||, 1e-12)
     return torch.linalg.vector_norm(fc.to(dtype), dim=0).clamp_min(1e-12).reciprocal()
@@ -58,7 +67,7 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
         if be == "reference":
             return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
                                              normalize_embeddings, reduction)
-        x = F.normalize(embeddings, p=2, dim=1) if normalize_embeddings else embeddings
+        x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
             rows, _ = ops.loss_op(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
         else:
@@ -87,7 +96,7 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if be == "reference":
             return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
-        x = F.normalize(embeddings, p=2, dim=1) if normalize_embeddings else embeddings
+        x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
             return ops.logits_op(x, fc, _inverse_norms(fc, acc), K, gamma)
         return torch_logits(x, fc, K, gamma)
