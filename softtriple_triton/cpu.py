@@ -51,144 +51,172 @@ def _chunk_classes(N: int, C: int, K: int, itemsize: int) -> int:
     return max(1, min(C, _config["chunk_bytes"] // per_class))
 
 
-def _chunk_similarity(x: Tensor, w: Tensor, rw: Tensor, c0: int, c1: int, K: int, inv_gamma: float):
-    """s [N, m, K], p [N, m, K], S [N, m] for classes c0..c1."""
+# Below this temperature exp((s - 1) / gamma) can underflow to 0 for every center of a class (|s| <= 1),
+# so the per-class maximum is subtracted instead of the constant bound 1 / gamma.
+_MIN_GAMMA_FOR_CONSTANT_SHIFT = {torch.float32: 2.0 / 80.0, torch.float64: 2.0 / 700.0}
+
+
+def _chunk_similarity(x: Tensor, w: Tensor, rw_g: Tensor, c0: int, c1: int, K: int, inv_gamma: float,
+                      bounded: bool):
+    """Classes c0..c1: t = s / gamma [N, m, K], e = exp(t - shift), den = sum_k e [N, m], S [N, m].
+
+    p = e / den is never formed: S = gamma * sum_k e t / den and the gradient factor fold den in.
+    ``bounded`` (unit-norm embeddings, gamma not tiny): |s| <= 1, so the shift is the constant 1 / gamma
+    and no per-class maximum is needed. rw_g = rw / gamma (inverse column norms over the temperature).
+    """
     cols = slice(c0 * K, c1 * K)
-    s = torch.mm(x, w[:, cols]).mul_(rw[cols]).view(x.shape[0], c1 - c0, K)
-    p = torch.softmax(s * inv_gamma, dim=2)
-    S = torch.linalg.vecdot(p, s, dim=2)
-    return s, p, S
+    t = torch.mm(x, w[:, cols]).mul_(rw_g[cols]).view(x.shape[0], c1 - c0, K)
+    e = torch.sub(t, inv_gamma) if bounded else t - t.amax(dim=2, keepdim=True)
+    e.exp_()
+    den = e.sum(dim=2)
+    S = torch.linalg.vecdot(e, t, dim=2).div_(den).div_(inv_gamma)
+    return t, e, den, S
 
 
-def _chunk_logits(S: Tensor, labels: Tensor, c0: int, la: float, margin: float) -> Tensor:
-    z = S * la
+def _label_index(labels: Tensor, c0: int, c1: int):
+    """Flat index of (row, label - c0) in an [N, c1 - c0] chunk, and whether the chunk owns the label."""
+    m = c1 - c0
     rel = labels - c0
-    own = (rel >= 0) & (rel < S.shape[1])
-    z.view(-1)[torch.arange(S.shape[0], device=S.device) * S.shape[1] + rel.clamp(0, S.shape[1] - 1)] -= \
-        la * margin * own.to(z.dtype)
-    return z
+    own = (rel >= 0) & (rel < m)
+    return torch.arange(labels.shape[0], device=labels.device) * m + rel.clamp(0, m - 1), own
 
 
-def _grad_factor(s: Tensor, p: Tensor, S: Tensor, inv_gamma: float) -> Tensor:
-    """a = p * (1 + (s - S) / gamma), computed in place on a copy of s."""
-    a = s - S.unsqueeze(2)
-    a.mul_(inv_gamma).add_(1.0).mul_(p)
-    return a
+def _chunk_logits(S: Tensor, labels: Tensor, c0: int, la: float, margin: float):
+    """z = la * (S - margin * onehot) for classes c0.., the in-chunk label index and its ownership mask."""
+    idx, own = _label_index(labels, c0, c0 + S.shape[1])
+    z = S * la
+    z.view(-1)[idx] -= (la * margin) * own.to(z.dtype)
+    return z, idx, own
+
+
+def _grad_factor(t: Tensor, e: Tensor, S: Tensor, inv_gamma: float) -> Tensor:
+    """den * p * (1 + (s - S) / gamma) = e * (t + 1 - S / gamma), in place of t."""
+    return t.add_((1.0 - S * inv_gamma).unsqueeze(2)).mul_(e)
+
+
+def _centers_grad(wa: Tensor, rw: Tensor, V: Tensor) -> Tensor:
+    """Through the column normalisation rw = 1/||w||: dw = V - w * rw^2 * (w . V), V = x^T @ (ds * rw)."""
+    return V.addcmul_(wa, (rw * rw * torch.linalg.vecdot(wa, V, dim=0)).unsqueeze(0), value=-1.0)
+
+
+def _bounded(x_normalized: bool, gamma: float, dtype: torch.dtype) -> bool:
+    return x_normalized and gamma >= _MIN_GAMMA_FOR_CONSTANT_SHIFT[dtype]
+
+
+def _setup(x: Tensor, w: Tensor, gamma: float, x_normalized: bool):
+    acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    xa, wa = x.to(acc), w.to(acc)
+    rw = _inverse_norms(wa)
+    return xa, wa, rw, rw / gamma, _bounded(x_normalized, gamma, acc)
 
 
 class _TorchLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, labels, K, la, gamma, margin):
-        acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-        xa, wa = x.to(acc), w.to(acc)
+    def forward(ctx, x, w, labels, K, la, gamma, margin, x_normalized):
+        xa, wa, rw, rw_g, bounded = _setup(x, w, gamma, x_normalized)
         N, M = x.shape[0], w.shape[1]
         C = M // K
         inv_gamma = 1.0 / gamma
-        rw = _inverse_norms(wa)
-        need_grad = any(ctx.needs_input_grad[:2])
         itemsize = xa.element_size()
-        cache = need_grad and N * (M + C) * itemsize <= _config["cache_bytes"]
+        cache = any(ctx.needs_input_grad[:2]) and N * (M + 2 * C) * itemsize <= _config["cache_bytes"]
         step = _chunk_classes(N, C, K, itemsize)
-        m_run = torch.full((N,), float("-inf"), dtype=acc, device=x.device)
-        l_run = torch.zeros((N,), dtype=acc, device=x.device)
-        zt = torch.zeros((N,), dtype=acc, device=x.device)
+        m_run = torch.full((N,), float("-inf"), dtype=xa.dtype, device=x.device)
+        l_run = torch.zeros((N,), dtype=xa.dtype, device=x.device)
+        zt = torch.zeros((N,), dtype=xa.dtype, device=x.device)
         cached = []
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            s, p, S = _chunk_similarity(xa, wa, rw, c0, c1, K, inv_gamma)
-            z = _chunk_logits(S, labels, c0, la, margin)
-            rel = labels - c0
-            own = (rel >= 0) & (rel < c1 - c0)
-            zt += torch.where(own, z.gather(1, rel.clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1), 0.0)
+            t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded)
+            z, idx, own = _chunk_logits(S, labels, c0, la, margin)
+            zt += torch.where(own, z.view(-1)[idx], 0.0)
             m_new = torch.maximum(m_run, z.amax(dim=1))
             l_run = l_run * torch.exp(m_run - m_new) + torch.exp(z - m_new.unsqueeze(1)).sum(dim=1)
             m_run = m_new
             if cache:
-                cached.append((z, _grad_factor(s, p, S, inv_gamma)))
-            del s, p, S
+                cached.append((z, den, _grad_factor(t, e, S, inv_gamma)))
+            del t, e, den, S
         lse = m_run + torch.log(l_run)
         ctx.save_for_backward(xa, wa, rw, labels, lse)
-        ctx.hyper = (K, la, inv_gamma, margin, step, x.dtype, w.dtype)
+        ctx.hyper = (K, la, gamma, margin, bounded, step, x.dtype, w.dtype)
         ctx.cached = cached if cache else None
         return lse - zt
 
     @staticmethod
     def backward(ctx, g):
         xa, wa, rw, labels, lse = ctx.saved_tensors
-        K, la, inv_gamma, margin, step, x_dtype, w_dtype = ctx.hyper
+        K, la, gamma, margin, bounded, step, x_dtype, w_dtype = ctx.hyper
         N, M = xa.shape[0], wa.shape[1]
         C = M // K
+        inv_gamma = 1.0 / gamma
+        rw_g = rw / gamma
         gla = (g.to(lse.dtype) * la).unsqueeze(1)
         dx = torch.zeros_like(xa)
         V = torch.empty_like(wa)
         for i, c0 in enumerate(range(0, C, step)):
             c1 = min(C, c0 + step)
             if ctx.cached is not None:
-                z, a = ctx.cached[i]
+                z, den, a = ctx.cached[i]
             else:
-                s, p, S = _chunk_similarity(xa, wa, rw, c0, c1, K, inv_gamma)
-                z = _chunk_logits(S, labels, c0, la, margin)
-                a = _grad_factor(s, p, S, inv_gamma)
-                del s, p, S
+                t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded)
+                z = _chunk_logits(S, labels, c0, la, margin)[0]
+                a = _grad_factor(t, e, S, inv_gamma)
+                del t, e, S
+            # dL/dS = g * la * (softmax(z) - onehot); dL/ds = dL/dS / den * a
             gS = torch.exp(z - lse.unsqueeze(1))
-            rel = labels - c0
-            own = (rel >= 0) & (rel < c1 - c0)
-            gS.view(-1)[torch.arange(N, device=gS.device) * (c1 - c0) + rel.clamp(0, c1 - c0 - 1)] -= own.to(gS.dtype)
-            gS.mul_(gla)
+            idx, own = _label_index(labels, c0, c1)
+            gS.view(-1)[idx] -= own.to(gS.dtype)
+            gS.mul_(gla).div_(den)
             cols = slice(c0 * K, c1 * K)
-            ds = a.mul_(gS.unsqueeze(2)).view(N, -1).mul_(rw[cols])  # dL/du, in place of the cache
+            ds = a.mul_(gS.unsqueeze(2)).view(N, -1).mul_(rw[cols])  # dL/du with u = x @ w; reuses the cache
             dx.addmm_(ds, wa[:, cols].t())
             torch.mm(xa.t(), ds, out=V[:, cols])
-            del z, a, gS, ds
+            del z, den, a, gS, ds
         ctx.cached = None
-        # through the column normalisation rw = 1/||w||: dw = V - w * rw^2 * (w . V), V = x^T @ (ds * rw)
-        dw = V.sub_(wa * (rw * rw * torch.linalg.vecdot(wa, V, dim=0)))
-        return dx.to(x_dtype), dw.to(w_dtype), None, None, None, None, None
+        return dx.to(x_dtype), _centers_grad(wa, rw, V).to(w_dtype), None, None, None, None, None, None
 
 
 class _TorchLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, K, gamma):
-        acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-        xa, wa = x.to(acc), w.to(acc)
+    def forward(ctx, x, w, K, gamma, x_normalized):
+        xa, wa, rw, rw_g, bounded = _setup(x, w, gamma, x_normalized)
         N, M = x.shape[0], w.shape[1]
         C = M // K
-        rw = _inverse_norms(wa)
         step = _chunk_classes(N, C, K, xa.element_size())
-        out = torch.empty((N, C), dtype=acc, device=x.device)
+        out = torch.empty((N, C), dtype=xa.dtype, device=x.device)
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            out[:, c0:c1] = _chunk_similarity(xa, wa, rw, c0, c1, K, 1.0 / gamma)[2]
+            out[:, c0:c1] = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded)[3]
         ctx.save_for_backward(xa, wa, rw)
-        ctx.hyper = (K, 1.0 / gamma, step, x.dtype, w.dtype)
+        ctx.hyper = (K, gamma, bounded, step, x.dtype, w.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dS):
         xa, wa, rw = ctx.saved_tensors
-        K, inv_gamma, step, x_dtype, w_dtype = ctx.hyper
+        K, gamma, bounded, step, x_dtype, w_dtype = ctx.hyper
         N, M = xa.shape[0], wa.shape[1]
         C = M // K
+        rw_g = rw / gamma
         dS = dS.to(xa.dtype)
         dx = torch.zeros_like(xa)
         V = torch.empty_like(wa)
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            s, p, S = _chunk_similarity(xa, wa, rw, c0, c1, K, inv_gamma)
+            t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded)
             cols = slice(c0 * K, c1 * K)
-            ds = _grad_factor(s, p, S, inv_gamma).mul_(dS[:, c0:c1].unsqueeze(2)).view(N, -1).mul_(rw[cols])
+            ds = _grad_factor(t, e, S, 1.0 / gamma).mul_((dS[:, c0:c1] / den).unsqueeze(2))
+            ds = ds.view(N, -1).mul_(rw[cols])
             dx.addmm_(ds, wa[:, cols].t())
             torch.mm(xa.t(), ds, out=V[:, cols])
-        dw = V.sub_(wa * (rw * rw * torch.linalg.vecdot(wa, V, dim=0)))
-        return dx.to(x_dtype), dw.to(w_dtype), None, None
+        return dx.to(x_dtype), _centers_grad(wa, rw, V).to(w_dtype), None, None, None
 
 
-def torch_loss_rows(x: Tensor, w: Tensor, labels: Tensor, K: int, la: float, gamma: float,
-                    margin: float) -> Tensor:
-    """Per-row classification loss [N] (accumulation dtype); x already normalised if wanted, w raw."""
-    return _TorchLoss.apply(x, w, labels, K, la, gamma, margin)
+def torch_loss_rows(x: Tensor, w: Tensor, labels: Tensor, K: int, la: float, gamma: float, margin: float,
+                    x_normalized: bool) -> Tensor:
+    """Per-row classification loss [N] (accumulation dtype); x already normalised if x_normalized, w raw."""
+    return _TorchLoss.apply(x, w, labels, K, la, gamma, margin, x_normalized)
 
 
-def torch_logits(x: Tensor, w: Tensor, K: int, gamma: float) -> Tensor:
+def torch_logits(x: Tensor, w: Tensor, K: int, gamma: float, x_normalized: bool) -> Tensor:
     """S [N, C] (accumulation dtype)."""
-    return _TorchLogits.apply(x, w, K, gamma)
+    return _TorchLogits.apply(x, w, K, gamma, x_normalized)

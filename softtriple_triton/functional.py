@@ -71,7 +71,7 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
         if be == "triton":
             rows, _ = ops.loss_op(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
         else:
-            rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin)
+            rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin, normalize_embeddings)
         if reduction == "none":
             return rows
         loss = rows.mean() if reduction == "mean" else rows.sum()
@@ -99,4 +99,4 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
         x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
             return ops.logits_op(x, fc, _inverse_norms(fc, acc), K, gamma)
-        return torch_logits(x, fc, K, gamma)
+        return torch_logits(x, fc, K, gamma, normalize_embeddings)
