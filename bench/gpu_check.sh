@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One prepared GPU check (< 8 minutes on an H200): the CUDA tests, then a quick GPU benchmark.
+# Usage (repository root, on a machine with CUDA):  OUT=/some/dir bash bench/gpu_check.sh
+# Writes under $OUT: env.txt, pytest_cuda.log, bench/ (results.csv, *.png, summary.md), bench.log.
+# Never mixes in CPU numbers: the bench runs with --device cuda and fails if CUDA is missing.
+set -u
+OUT="${OUT:-${1:-bench/results/gpu-check}}"
+mkdir -p "$OUT/bench"
+PY="${PYTHON:-python}"
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; PY=python; fi
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  "$PY" - <<'PYEOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton missing:", e)
+try:
+    import pytorch_metric_learning as p; print("pytorch-metric-learning", p.__version__)
+except Exception:
+    print("pytorch-metric-learning not installed")
+PYEOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+"$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA: stopping"; exit 2; }
+# 1. CUDA tests (~3 min budget)
+timeout 200 "$PY" -m pytest -m cuda -x -q tests > "$OUT/pytest_cuda.log" 2>&1
+echo "pytest -m cuda rc=$?" | tee -a "$OUT/env.txt"
+tail -5 "$OUT/pytest_cuda.log"
+# 2. quick GPU bench (~3 min budget): targets' shapes, triton vs eager / compile / PML / GEMM floor
+timeout 240 "$PY" bench/run.py --quick --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/env.txt"
+tail -25 "$OUT/bench.log"

@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Speed and memory of the SoftTriple loss: ours vs the plain formula (eager and torch.compile),
+pytorch-metric-learning and the GEMM floor. Writes results.csv, PNG plots and summary.md under
+bench/results/<device-tag>/ (or --out).
+
+    python bench/run.py            # default grid (< ~10 min on a 2-core CPU)
+    python bench/run.py --quick    # ~1-2 min
+    python bench/run.py --full     # the long sweep
+    python bench/run.py --smoke    # one tiny case, 1 repeat (used by tests/test_bench.py)
+
+On CPU ours is backend="torch" (the Triton interpreter is never benchmarked); on CUDA backend="triton".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import providers as P  # noqa: E402
+from grids import grid  # noqa: E402
+from timing import Clock, time_floor, time_step  # noqa: E402
+
+POLICIES = {  # repeats: at least min_reps, then until target_s of timing per provider, at most max_reps
+    "smoke": dict(min_reps=1, max_reps=1, target_s=0.0, cap_s=30.0),
+    "quick": dict(min_reps=3, max_reps=10, target_s=0.3, cap_s=5.0),
+    "default": dict(min_reps=5, max_reps=30, target_s=0.8, cap_s=8.0),
+    "full": dict(min_reps=10, max_reps=100, target_s=2.0, cap_s=30.0),
+}
+
+
+# ----------------------------------------------------------------------------------------- environment
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def n_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def device_tag(device: str) -> str:
+    if device.startswith("cuda"):
+        return "cuda-" + _slug(torch.cuda.get_device_name(torch.device(device)))
+    words = [w for w in re.split(r"[\s(),]+", cpu_model()) if w and w.upper() not in ("(R)", "(TM)", "CPU")]
+    vendor = "-".join(words[:2]) if words else "cpu"
+    return f"cpu-{n_cores()}core-{_slug(vendor)}"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "none"
+    try:
+        import pytorch_metric_learning as pml
+        pml_v = pml.__version__
+    except Exception:
+        pml_v = "not installed"
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        f"{cpu_model()} ({n_cores()} cores, {torch.get_num_threads()} torch threads)"
+    return {"device": device, "device_name": name, "device_tag": device_tag(device), "torch": torch.__version__,
+            "triton": triton_v, "pml": pml_v, "python": platform.python_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def machine_gflops(device: str) -> float:
+    """Throughput of a square fp32 matmul, for predicting a step's time before running it."""
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    clock = Clock(device)
+    a @ b
+    clock.sync()
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    clock.sync()
+    return 3 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
+
+
+# ----------------------------------------------------------------------------------------- one case
+def row(env, case: P.Case, provider, mode, metric, value, status="ok", **kw) -> dict:
+    r = {k: env[k] for k in ("device", "device_name", "device_tag", "torch", "triton", "date")}
+    r.update(sweep=case.sweep, case=case.case_id, N=case.N, d=case.d, C=case.C, K=case.K, CK=case.CK,
+             dtype=case.dtype, tau=case.tau, provider=provider, mode=mode, metric=metric, value=value,
+             p20=kw.get("p20"), p80=kw.get("p80"), n_repeats=kw.get("n_repeats"), status=status,
+             check=kw.get("check", ""), check_rel_err=kw.get("check_rel_err"),
+             predicted_bytes=kw.get("predicted_bytes"), note=kw.get("note", ""))
+    return r
+
+
+def skip_reason(provider: str, case: P.Case, args, gflops: float, policy: dict) -> str | None:
+    if provider == "pml" and not P.pml_available():
+        return "not-installed"
+    if provider == "compile" and args.no_compile:
+        return "disabled"
+    pred = P.predicted_bytes(provider, case)
+    if pred > args.mem_budget_gb * 2 ** 30:
+        return "oom-predicted"
+    if provider != "ours" and P.predicted_flops(provider, case) / (gflops * 1e9) > 2 * policy["cap_s"]:
+        return "over-time-cap-predicted"
+    return None
+
+
+def run_case(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
+    device = args.device
+    rows = []
+    x, fc, y = P.make_inputs(case, device)
+    tol = P.tolerance(case)
+    # ---- correctness guard: ours vs the reference formula (fp64, up to 64 rows), then every baseline vs ours
+    err = P.reference_rows_check(case, x, fc, y, device)
+    ours_ok = err <= tol
+    rows.append(row(env, case, "ours", "fwd", "check", err, "ok" if ours_ok else "MISMATCH",
+                    check="ok" if ours_ok else "MISMATCH", check_rel_err=err,
+                    note="per-row loss vs fp64 reference formula"))
+    with torch.no_grad():
+        step, _ = P.build("ours", case, x, fc, y, device)
+        ours_val = float(step())
+    providers = [p for p in P.PROVIDERS if p in args.providers] if case.timing else []
+    for prov in providers:
+        pred = P.predicted_bytes(prov, case)
+        reason = skip_reason(prov, case, args, gflops, policy)
+        if prov == "ours" and not ours_ok:
+            reason = "wrong-result"
+        if reason:
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                rows.append(row(env, case, prov, mode, "time_s", float("nan"), reason, predicted_bytes=pred))
+            if case.memory and prov != "floor":
+                rows.append(row(env, case, prov, "fwd+bwd", "peak_bytes", float("nan"), reason, predicted_bytes=pred))
+            log(f"    {P.LABELS[prov]:<30} {reason} (predicted {pred / 2**30:.1f} GiB)")
+            continue
+        if prov == "floor":
+            res = time_floor(P.floor_ops(case, x, fc, device), Clock(device), policy)
+            first, status, check, cerr = None, "ok", "n/a", None
+        else:
+            try:
+                step, params = P.build(prov, case, x, fc, y, device)
+                check, cerr = "ok", 0.0
+                if prov != "ours":
+                    with torch.no_grad():
+                        v = float(step())
+                    cerr = P.rel_err(v, ours_val)
+                    check = "ok" if cerr <= tol else "MISMATCH"
+                if check != "ok":
+                    res, first, status = None, None, "mismatch"
+                else:
+                    res, first, status = time_step(step, params, Clock(device), policy, policy["cap_s"])
+                del step, params
+            except torch.OutOfMemoryError:
+                res, first, status, check, cerr = None, None, "oom", "n/a", None
+            except Exception as e:  # recorded, never dropped
+                res, first, status, check, cerr = None, None, f"error: {type(e).__name__}: {e}"[:200], "n/a", None
+            x.grad = fc.grad = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            st = res[mode] if res else {"value": float("nan")}
+            rows.append(row(env, case, prov, mode, "time_s", st["value"], status, p20=st.get("p20"),
+                            p80=st.get("p80"), n_repeats=st.get("n_repeats"), check=check, check_rel_err=cerr,
+                            predicted_bytes=pred))
+        if prov == "compile" and first is not None:
+            rows.append(row(env, case, prov, "fwd+bwd", "first_call_s", first, status,
+                            note="first call incl. compilation (0 if cached in this process)"))
+        msg = f"{res['fwd+bwd']['value'] * 1e3:9.2f} ms fwd+bwd" if res else ""
+        log(f"    {P.LABELS[prov]:<30} {status:<14} {msg}  check={check}"
+            + (f" (rel err {cerr:.1e})" if cerr else ""))
+    del x, fc, y
+    if case.memory:
+        rows += run_memory(case, env, args, policy, gflops, log)
+    return rows
+
+
+def run_memory(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
+    provs = [p for p in P.PROVIDERS if p in args.providers and p != "floor"
+             and skip_reason(p, case, args, gflops, policy) is None]
+    if args.size == "quick" or (args.size == "default" and not case.timing):
+        provs = [p for p in provs if p in ("ours", "eager")]  # keeps the run short
+    if not provs:
+        return []
+    cmd = [sys.executable, os.path.join(HERE, "memory_worker.py"), json.dumps(case.as_dict()), args.device, *provs]
+    envv = dict(os.environ, BENCH_THREADS=str(torch.get_num_threads()), MALLOC_MMAP_THRESHOLD_="131072")
+    rows, seen = [], set()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=envv, timeout=args.memory_timeout)
+        lines, rc, err = out.stdout.splitlines(), out.returncode, out.stderr[-300:]
+    except subprocess.TimeoutExpired as e:
+        lines, rc, err = (e.stdout or b"").decode().splitlines() if isinstance(e.stdout, bytes) else \
+            (e.stdout or "").splitlines(), "timeout", ""
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        seen.add(r["provider"])
+        rows.append(row(env, case, r["provider"], r["mode"], "peak_bytes",
+                        float("nan") if r["bytes"] is None else float(r["bytes"]), r["status"],
+                        predicted_bytes=P.predicted_bytes(r["provider"], case),
+                        note="peak RSS above inputs, own subprocess" if not args.device.startswith("cuda")
+                        else "max_memory_allocated above inputs"))
+        if r["mode"] == "fwd+bwd":
+            b = r["bytes"]
+            log(f"    memory {P.LABELS[r['provider']]:<23} {r['status']:<6} "
+                + (f"{b / 2**20:9.1f} MiB fwd+bwd peak" if b is not None else ""))
+    for p in provs:
+        if p not in seen:  # the subprocess died (e.g. the kernel's OOM killer) or timed out
+            status = "timeout" if rc == "timeout" else f"crashed (rc={rc})"
+            rows.append(row(env, case, p, "fwd+bwd", "peak_bytes", float("nan"), status, note=err))
+            log(f"    memory {P.LABELS[p]:<23} {status}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="size", action="store_const", const="quick")
+    g.add_argument("--full", dest="size", action="store_const", const="full")
+    g.add_argument("--smoke", dest="size", action="store_const", const="smoke")
+    ap.set_defaults(size="default")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/<device-tag>)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ap.add_argument("--providers", default=",".join(P.PROVIDERS), help="comma list of " + ",".join(P.PROVIDERS))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--mem-budget-gb", type=float, default=None,
+                    help="skip a baseline whose predicted memory exceeds this (default: 1/3 of RAM or GPU memory)")
+    ap.add_argument("--memory-timeout", type=float, default=600.0, help="seconds per memory subprocess")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    if args.size == "smoke":  # < 30 s: no torch.compile (its compilation alone takes longer)
+        args.no_compile = True
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is not available")
+    if args.mem_budget_gb is None:
+        if args.device.startswith("cuda"):
+            total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        args.mem_budget_gb = total / 3 / 2 ** 30
+    return args
+
+
+def main(argv=None) -> str:
+    args = parse(argv)
+    torch.set_num_threads(args.threads or n_cores())
+    env = environment(args.device)
+    out = args.out or os.path.join(HERE, "results", env["device_tag"])
+    os.makedirs(out, exist_ok=True)
+    policy = POLICIES[args.size]
+    cases = grid(args.size, args.device.startswith("cuda"))
+    gflops = machine_gflops(args.device)
+    print(f"[bench] {env['device_name']} | torch {env['torch']} triton {env['triton']} pml {env['pml']} | "
+          f"{len(cases)} cases ({args.size}) | ~{gflops:.0f} GFLOP/s fp32 matmul | out={out}", flush=True)
+    rows = []
+    t_start = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        el = time.perf_counter() - t_start
+        print(f"[{i}/{len(cases)} {el:6.0f}s] {case.sweep:<8} {case.case_id}", flush=True)
+        rows += run_case(case, env, args, policy, gflops, lambda m: print(m, flush=True))
+        pd.DataFrame(rows).to_csv(os.path.join(out, "results.csv"), index=False)  # partial results survive
+    df = pd.DataFrame(rows)
+    df.to_csv(os.path.join(out, "results.csv"), index=False)
+    with open(os.path.join(out, "environment.json"), "w") as f:
+        json.dump({**env, "size": args.size, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
+                   "mem_budget_gb": args.mem_budget_gb, "wall_s": time.perf_counter() - t_start}, f, indent=2)
+    import report
+    prof = None
+    if args.size != "smoke" and "ours" in args.providers:
+        prof = report.profile_if_missed(df, args.device)
+    report.write_summary(df, env, out, args.size, time.perf_counter() - t_start, prof)
+    if not args.no_plots:
+        report.plots(df, env, out)
+    print(f"[bench] done in {time.perf_counter() - t_start:.0f}s -> {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
