@@ -11,13 +11,15 @@ import pandas as pd
 import providers as P
 
 # the sweeps plotted: x variable and the fixed parameters of the other axes
-SWEEPS = {
-    "batch N": ("N", dict(d=512, C=1000, K=10, tau=0.0)),
-    "classes C": ("C", dict(N=256, d=512, K=10, tau=0.0)),
-    "centers per class K": ("K", dict(N=256, d=512, C=1000, tau=0.0)),
-    "C*K (N=512, d=128)": ("CK", dict(N=512, d=128, K=10, tau=0.0)),
-    "C*K (N=256, d=512)": ("CK", dict(N=256, d=512, K=10, tau=0.0)),
-    "C*K (N=1024, d=512)": ("CK", dict(N=1024, d=512, K=10, tau=0.0)),
+SWEEPS = {  # title: (x variable, fixed parameters, plots it appears in)
+    "batch N (d=512, C=1000, K=10)": ("N", dict(d=512, C=1000, K=10, tau=0.0), "tm"),
+    "classes C (N=256, d=512, K=10)": ("C", dict(N=256, d=512, K=10, tau=0.0), "tm"),
+    "centers per class K (N=256, d=512, C=1000)": ("K", dict(N=256, d=512, C=1000, tau=0.0), "t"),
+    "embedding size d (N=256, C=1000, K=10)": ("d", dict(N=256, C=1000, K=10, tau=0.0), "t"),
+    "C*K (N=512, d=128), memory wall": ("CK", dict(N=512, d=128, K=10, tau=0.0), "m"),
+    "C*K (N=256, d=512), memory wall": ("CK", dict(N=256, d=512, K=10, tau=0.0), "m"),
+    "C*K (N=1024, d=512), memory wall": ("CK", dict(N=1024, d=512, K=10, tau=0.0), "m"),
+    "C*K (N=4096, d=512), memory wall": ("CK", dict(N=4096, d=512, K=10, tau=0.0), "m"),
 }
 COLORS = {"ours": "tab:red", "eager": "tab:blue", "compile": "tab:green", "pml": "tab:purple", "floor": "black"}
 
@@ -199,20 +201,29 @@ def write_summary(df, env, out, size, wall_s, prof=None):
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _sweep_frames(df):
-    """(title, xvar, sub-frame) for every sweep with at least 2 measured points."""
-    for title, (xvar, fixed) in SWEEPS.items():
+def _sweep_frames(df, kind):
+    """(title, xvar, sub-frame) for every sweep of this kind ("t" time, "m" memory) with >= 2 points."""
+    metric = "time_s" if kind == "t" else "peak_bytes"
+    for title, (xvar, fixed, kinds) in SWEEPS.items():
+        if kind not in kinds:
+            continue
         for dtype in sorted(df["dtype"].unique()):
             sub = _sel(df, dtype=dtype, **fixed)
-            if sub[xvar].nunique() >= 2:
+            if sub[sub["metric"] == metric][xvar].nunique() >= 2:
                 yield (f"{title}, {dtype}", xvar, sub)
 
 
 def _finish(fig, axes, path, title):
     import matplotlib.pyplot as plt
-    for ax in axes[len(fig._used):]:
-        ax.set_visible(False)
-    fig.suptitle(title, fontsize=13)
+    for ax in axes:
+        if ax not in fig._used:
+            ax.set_visible(False)
+    if not fig._used:
+        axes[0].set_visible(True)
+        axes[0].axis("off")
+        axes[0].text(0.5, 0.5, "no size sweep in this grid\n(see times.png and summary.md)", ha="center",
+                     va="center", fontsize=12)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -230,7 +241,8 @@ def _grid(n):
 
 
 def plots(df, env, out):
-    frames = list(_sweep_frames(df))
+    frames = list(_sweep_frames(df, "t"))
+    mframes = list(_sweep_frames(df, "m"))
     dev = env["device_name"]
     t = df[(df["metric"] == "time_s") & (df["mode"] == "fwd+bwd")]
     # 1. speedup of ours over the baselines
@@ -251,10 +263,10 @@ def plots(df, env, out):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _finish(fig, axes, os.path.join(out, "speedup.png"), f"Speedup of ours over the baselines, forward+backward ({dev})")
+    _finish(fig, axes, os.path.join(out, "speedup.png"), f"Speedup of ours over the baselines, forward+backward\n{dev}")
     # 2. peak memory (log) incl. predicted points of baselines that were not run
-    fig, axes = _grid(max(1, len(frames)))
-    for ax, (title, xvar, sub) in zip(axes, frames):
+    fig, axes = _grid(max(1, len(mframes)))
+    for ax, (title, xvar, sub) in zip(axes, mframes):
         mm = sub[(sub["metric"] == "peak_bytes") & (sub["mode"] == "fwd+bwd")]
         if mm.empty:
             continue
@@ -276,7 +288,7 @@ def plots(df, env, out):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    _finish(fig, axes, os.path.join(out, "memory.png"), f"Peak memory of one training step, log scale ({dev})")
+    _finish(fig, axes, os.path.join(out, "memory.png"), f"Peak memory of one training step (fwd+bwd), log scale\n{dev}")
     # 3. fraction of the GEMM floor
     fig, axes = _grid(max(1, len(frames)))
     for ax, (title, xvar, sub) in zip(axes, frames):
@@ -299,7 +311,7 @@ def plots(df, env, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _finish(fig, axes, os.path.join(out, "gemm_floor_fraction.png"),
-            f"Fraction of the GEMM floor reached, forward+backward (1 = only the matrix products) ({dev})")
+            f"Fraction of the GEMM floor reached, forward+backward (1 = only the matrix products)\n{dev}")
     # 4. absolute times of every case (covers grids without sweeps, e.g. --quick / --smoke)
     import matplotlib.pyplot as plt
     cases = list(dict.fromkeys(t["case"]))
@@ -313,7 +325,7 @@ def plots(df, env, out):
     ax.set_xticklabels(cases, rotation=35, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("forward+backward time (ms), log")
-    ax.set_title(f"Training-step time per case ({dev}); missing bar = not run (see summary.md)", fontsize=10)
+    ax.set_title(f"Training-step time per case, {dev}\nmissing bar = not run (status in summary.md)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -34,10 +34,10 @@ from grids import grid  # noqa: E402
 from timing import Clock, time_floor, time_step  # noqa: E402
 
 POLICIES = {  # repeats: at least min_reps, then until target_s of timing per provider, at most max_reps
-    "smoke": dict(min_reps=1, max_reps=1, target_s=0.0, cap_s=30.0),
-    "quick": dict(min_reps=3, max_reps=10, target_s=0.3, cap_s=5.0),
-    "default": dict(min_reps=5, max_reps=30, target_s=0.8, cap_s=8.0),
-    "full": dict(min_reps=10, max_reps=100, target_s=2.0, cap_s=30.0),
+    "smoke": dict(min_reps=1, max_reps=1, slow_reps=1, target_s=0.0, cap_s=30.0),
+    "quick": dict(min_reps=3, max_reps=10, slow_reps=2, target_s=0.3, cap_s=5.0),
+    "default": dict(min_reps=5, max_reps=30, slow_reps=2, target_s=0.8, cap_s=8.0),
+    "full": dict(min_reps=10, max_reps=100, slow_reps=5, target_s=2.0, cap_s=30.0),
 }
 
 
@@ -92,7 +92,7 @@ def environment(device: str) -> dict:
 
 def machine_gflops(device: str) -> float:
     """Throughput of a square fp32 matmul, for predicting a step's time before running it."""
-    n = 1024
+    n = 4096 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     clock = Clock(device)
@@ -140,9 +140,10 @@ def run_case(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
     rows.append(row(env, case, "ours", "fwd", "check", err, "ok" if ours_ok else "MISMATCH",
                     check="ok" if ours_ok else "MISMATCH", check_rel_err=err,
                     note="per-row loss vs fp64 reference formula"))
-    with torch.no_grad():
-        step, _ = P.build("ours", case, x, fc, y, device)
-        ours_val = float(step())
+    if case.timing:
+        with torch.no_grad():
+            step, _ = P.build("ours", case, x, fc, y, device)
+            ours_val = float(step())
     providers = [p for p in P.PROVIDERS if p in args.providers] if case.timing else []
     for prov in providers:
         pred = P.predicted_bytes(prov, case)
@@ -197,11 +198,18 @@ def run_case(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
     return rows
 
 
-def run_memory(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
+def memory_providers(case: P.Case, args, policy, gflops) -> list[str]:
     provs = [p for p in P.PROVIDERS if p in args.providers and p != "floor"
              and skip_reason(p, case, args, gflops, policy) is None]
     if args.size == "quick" or (args.size == "default" and not case.timing):
         provs = [p for p in provs if p in ("ours", "eager")]  # keeps the run short
+    elif args.size == "default":
+        provs = [p for p in provs if p != "pml"]  # PML's memory ~ the eager formula's (same math)
+    return provs
+
+
+def run_memory(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
+    provs = memory_providers(case, args, policy, gflops)
     if not provs:
         return []
     cmd = [sys.executable, os.path.join(HERE, "memory_worker.py"), json.dumps(case.as_dict()), args.device, *provs]
@@ -236,6 +244,27 @@ def run_memory(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
     return rows
 
 
+# rough cost of a step relative to the GEMM floor on a CPU (from --quick runs); only for --list
+_STEP_FACTOR = {"ours": 3.0, "eager": 3.6, "compile": 1.8, "pml": 3.6, "floor": 1.0}
+
+
+def estimate_s(case: P.Case, args, policy, gflops) -> float:
+    """Very rough wall-time estimate of one case (for --list)."""
+    t = 2.0  # guard, inputs
+    floor = P.predicted_flops("floor", case) / (gflops * 1e9)
+    for prov in memory_providers(case, args, policy, gflops) if not case.timing else args.providers:
+        if skip_reason(prov, case, args, gflops, policy):
+            continue
+        extra = (P.predicted_flops(prov, case) - P.predicted_flops("floor", case)) / (gflops * 1e9)
+        step = floor * _STEP_FACTOR[prov] + 1.2 * extra
+        if case.timing:
+            n = policy["min_reps"] if step < 1.0 else policy["slow_reps"]
+            t += step + max(n * step, policy["target_s"]) + (15.0 if prov == "compile" else 0.0)
+        if case.memory and prov in memory_providers(case, args, policy, gflops):
+            t += (2 if prov == "compile" else 1) * step
+    return t + (5.0 if case.memory else 0.0)
+
+
 # ----------------------------------------------------------------------------------------- main
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,6 +282,7 @@ def parse(argv=None):
                     help="skip a baseline whose predicted memory exceeds this (default: 1/3 of RAM or GPU memory)")
     ap.add_argument("--memory-timeout", type=float, default=600.0, help="seconds per memory subprocess")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--list", action="store_true", help="print the grid with rough time estimates and exit")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -280,6 +310,17 @@ def main(argv=None) -> str:
     gflops = machine_gflops(args.device)
     print(f"[bench] {env['device_name']} | torch {env['torch']} triton {env['triton']} pml {env['pml']} | "
           f"{len(cases)} cases ({args.size}) | ~{gflops:.0f} GFLOP/s fp32 matmul | out={out}", flush=True)
+    if args.list:
+        total = 0.0
+        for case in cases:
+            e = estimate_s(case, args, policy, gflops)
+            total += e
+            skips = {p: skip_reason(p, case, args, gflops, policy) for p in args.providers}
+            skips = ", ".join(f"{p}: {r}" for p, r in skips.items() if r)
+            print(f"  {case.sweep:<8} {case.case_id:<34} {'time' if case.timing else '    '} "
+                  f"{'mem' if case.memory else '   '} ~{e:5.0f}s  {skips}")
+        print(f"[bench] estimated total ~{total / 60:.1f} min (rough; assumes a quiet machine)")
+        return out
     rows = []
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):

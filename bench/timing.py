@@ -70,13 +70,11 @@ def time_step(step, params, clock: Clock, policy: dict, cap_s: float) -> tuple[d
         bwd.append(clock.elapsed(b, c))
         tot.append(clock.elapsed(a, c))
 
-    one()  # second warm-up (also a probe of the step time)
+    one()  # probe: a warmed-up step, kept as a sample
     probe = tot[-1]
-    fwd.clear(), bwd.clear(), tot.clear()
     if probe > cap_s:
-        one()
         return {"fwd": stats(fwd), "bwd": stats(bwd), "fwd+bwd": stats(tot)}, first, "over-time-cap"
-    min_reps = policy["min_reps"] if probe < 1.0 else max(1, min(3, policy["min_reps"]))
+    min_reps = policy["min_reps"] if probe < 1.0 else policy["slow_reps"]  # slow steps: few samples
     deadline = time.perf_counter() + policy["target_s"]
     gc.collect()
     while len(tot) < policy["max_reps"] and (len(tot) < min_reps or time.perf_counter() < deadline):
