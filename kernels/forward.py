@@ -117,11 +117,13 @@ def softtriple_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, label
         raise ValueError(f"labels must be int64 of shape ({x.shape[0]},); got {labels.dtype} {tuple(labels.shape)}")
     m, l, zt = _launch(x, w, rw, labels, K, la, gamma, margin, False, splits, block_m)
     if m.shape[0] == 1:
-        lse = m[0] + torch.log(l[0])
+        mx, log_l, zt = m[0], torch.log(l[0]), zt[0]
     else:  # merge the splits' partial log-sum-exps in a fixed order
         mx = m.amax(dim=0)
-        lse = mx + torch.log((l * torch.exp(m - mx)).sum(dim=0))
-    return lse - zt.sum(dim=0), lse
+        log_l = torch.log((l * torch.exp(m - mx)).sum(dim=0))
+        zt = zt.sum(dim=0)
+    # (max - z_target) + log(sum): a loss near 0 keeps its relative precision (no (max + log) - z_target)
+    return (mx - zt) + log_l, mx + log_l
 
 
 def softtriple_logits_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, K: int, gamma: float,

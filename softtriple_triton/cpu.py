@@ -135,11 +135,12 @@ class _TorchLoss(torch.autograd.Function):
             if cache:
                 cached.append((z, den, _grad_factor(t, e, S, inv_gamma)))
             del t, e, den, S
-        lse = m_run + torch.log(l_run)
-        ctx.save_for_backward(xa, wa, rw, labels, lse)
+        log_l = torch.log(l_run)
+        ctx.save_for_backward(xa, wa, rw, labels, m_run + log_l)
         ctx.hyper = (K, la, gamma, margin, bounded, step, x.dtype, w.dtype)
         ctx.cached = cached if cache else None
-        return lse - zt
+        # (max - z_target) + log(sum): a loss near 0 keeps its relative precision
+        return (m_run - zt) + log_l
 
     @staticmethod
     def backward(ctx, g):
