@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -129,9 +130,9 @@ def skip_reason(provider: str, case: P.Case, args, gflops: float, policy: dict) 
     return None
 
 
-def run_case(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
+def run_case(case: P.Case, env, args, policy, gflops, log, rows: list) -> list[dict]:
+    """Appends to rows as it goes (an interrupted run keeps what was measured)."""
     device = args.device
-    rows = []
     x, fc, y = P.make_inputs(case, device)
     tol = P.tolerance(case)
     # ---- correctness guard: ours vs the reference formula (fp64, up to 64 rows), then every baseline vs ours
@@ -323,24 +324,40 @@ def main(argv=None) -> str:
         return out
     rows = []
     t_start = time.perf_counter()
-    for i, case in enumerate(cases, 1):
-        el = time.perf_counter() - t_start
-        print(f"[{i}/{len(cases)} {el:6.0f}s] {case.sweep:<8} {case.case_id}", flush=True)
-        rows += run_case(case, env, args, policy, gflops, lambda m: print(m, flush=True))
-        pd.DataFrame(rows).to_csv(os.path.join(out, "results.csv"), index=False)  # partial results survive
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)  # `timeout` / a job runner: still write summary and plots
+    interrupted = False
+    try:
+        for i, case in enumerate(cases, 1):
+            el = time.perf_counter() - t_start
+            print(f"[{i}/{len(cases)} {el:6.0f}s] {case.sweep:<8} {case.case_id}", flush=True)
+            run_case(case, env, args, policy, gflops, lambda m: print(m, flush=True), rows)
+            pd.DataFrame(rows).to_csv(os.path.join(out, "results.csv"), index=False)  # partial results survive
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"[bench] interrupted after {len(set(r['case'] for r in rows))} cases; writing what was measured",
+              flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not rows:
+        sys.exit(1)
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     with open(os.path.join(out, "environment.json"), "w") as f:
-        json.dump({**env, "size": args.size, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
+        json.dump({**env, "size": args.size, "interrupted": interrupted,
+                   "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
                    "mem_budget_gb": args.mem_budget_gb, "wall_s": time.perf_counter() - t_start}, f, indent=2)
     import report
     prof = None
-    if args.size != "smoke" and "ours" in args.providers:
+    if args.size != "smoke" and "ours" in args.providers and not interrupted:
         prof = report.profile_if_missed(df, args.device)
-    report.write_summary(df, env, out, args.size, time.perf_counter() - t_start, prof)
+    report.write_summary(df, env, out, args.size + (" (INTERRUPTED: partial)" if interrupted else ""),
+                         time.perf_counter() - t_start, prof)
     if not args.no_plots:
         report.plots(df, env, out)
     print(f"[bench] done in {time.perf_counter() - t_start:.0f}s -> {out}", flush=True)
+    if interrupted:
+        sys.exit(3)
     return out
 
 
