@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -127,5 +128,12 @@ def tl_dtype(dt: torch.dtype):
 
 
 def hyper_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Scalar hyper-parameters as a small tensor so fp64 kernels see them unrounded."""
-    return torch.tensor(list(values), dtype=dtype, device=device)
+    """Scalar hyper-parameters as a small tensor so fp64 kernels see them unrounded (a Python float kernel
+    argument is passed as fp32). Cached: creating a CUDA tensor from host values is a blocking copy, so only the
+    first call with given values pays it, not every training step. The cached tensors are never written."""
+    return _hyper_tensor(tuple(float(v) for v in values), dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _hyper_tensor(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
