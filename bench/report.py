@@ -143,7 +143,7 @@ def profile_if_missed(df, device: str):
 
 
 # ----------------------------------------------------------------------------------------- summary
-def write_summary(df, env, out, size, wall_s, prof=None):
+def write_summary(df, env, out, size, wall_s, prof=None, warning=None):
     cuda = env["device"].startswith("cuda")
     L = [f"# SoftTriple benchmark: {env['device_name']}", "",
          f"torch {env['torch']}, triton {env['triton']}, {env['date']}, grid `{size}`, wall {wall_s:.0f} s. "
@@ -154,6 +154,8 @@ def write_summary(df, env, out, size, wall_s, prof=None):
          "Baselines with a predicted peak over the memory budget or a predicted step over the time cap are "
          "recorded as `oom-predicted` / `over-time-cap-predicted`, not run.", "",
          "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    if warning:
+        L[-4:-4] = [f"**Warning: {warning}.**", ""]
     for t in evaluate_targets(df, cuda):
         L.append(f"| {t['target']} | {t['measured']} | {t['verdict']} |")
     chk = df[df["check"] == "MISMATCH"]

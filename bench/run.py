@@ -26,6 +26,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# torch.compile's parallel compile workers would compete with the timed code on a small machine
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -308,6 +310,7 @@ def main(argv=None) -> str:
     os.makedirs(out, exist_ok=True)
     policy = POLICIES[args.size]
     cases = grid(args.size, args.device.startswith("cuda"))
+    load0 = os.getloadavg()[0]
     gflops = machine_gflops(args.device)
     print(f"[bench] {env['device_name']} | torch {env['torch']} triton {env['triton']} pml {env['pml']} | "
           f"{len(cases)} cases ({args.size}) | ~{gflops:.0f} GFLOP/s fp32 matmul | out={out}", flush=True)
@@ -344,15 +347,22 @@ def main(argv=None) -> str:
     df = pd.DataFrame(rows)
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     with open(os.path.join(out, "environment.json"), "w") as f:
-        json.dump({**env, "size": args.size, "interrupted": interrupted,
+        json.dump({**env, "size": args.size, "interrupted": interrupted, "loadavg_1min_start": load0,
+                   "loadavg_1min_end": os.getloadavg()[0],
                    "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
                    "mem_budget_gb": args.mem_budget_gb, "wall_s": time.perf_counter() - t_start}, f, indent=2)
     import report
     prof = None
     if args.size != "smoke" and "ours" in args.providers and not interrupted:
         prof = report.profile_if_missed(df, args.device)
+    load1 = os.getloadavg()[0]
+    quiet = None if args.device.startswith("cuda") or max(load0, load1) < 0.5 * n_cores() else \
+        f"the machine was busy (1-min load average {load0:.1f} at start, {load1:.1f} at end, {n_cores()} cores): " \
+        "CPU timings are noisy; rerun on a quiet machine before quoting them"
+    if quiet:
+        print(f"[bench] WARNING: {quiet}", flush=True)
     report.write_summary(df, env, out, args.size + (" (INTERRUPTED: partial)" if interrupted else ""),
-                         time.perf_counter() - t_start, prof)
+                         time.perf_counter() - t_start, prof, warning=quiet)
     if not args.no_plots:
         report.plots(df, env, out)
     print(f"[bench] done in {time.perf_counter() - t_start:.0f}s -> {out}", flush=True)

@@ -56,3 +56,25 @@ def test_plots_and_summary_written(smoke):
     assert "| target | measured | verdict |" in summary
     assert "not measured: no GPU" in summary
     assert "[1/1" in stdout  # per-case progress line
+
+
+def test_baselines_compute_the_reference_loss():
+    """The benchmark's eager baseline (precomputed pair indices) and its PML wiring (+ SparseCentersRegularizer,
+    weight tau) compute the same loss as softtriple_triton.reference, with and without the regulariser."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import providers as P
+    from softtriple_triton.reference import reference_softtriple_loss
+
+    for K, tau in ((1, 0.0), (3, 0.0), (3, 0.2), (10, 0.2)):
+        case = P.Case("t", 24, 16, 7, K, dtype="fp64", tau=tau)
+        x, fc, y = P.make_inputs(case, "cpu", seed=K)
+        ref = reference_softtriple_loss(x, fc, y, K, la=P.LA, gamma=P.GAMMA, tau=tau, margin=P.MARGIN)
+        provs = ["ours", "eager"] + (["pml"] if P.pml_available() else [])
+        for prov in provs:
+            step, params = P.build(prov, case, x, fc, y, "cpu")
+            v = step()
+            assert abs(float(v) - float(ref)) <= 1e-6 * abs(float(ref)), (prov, K, tau, float(v), float(ref))
+            v.backward()
+            assert all(p.grad is not None for p in params), prov
+            x.grad = None
