@@ -6,8 +6,17 @@
 set -u
 OUT="${OUT:-${1:-bench/results/gpu-check}}"
 mkdir -p "$OUT/bench"
-PY="${PYTHON:-python}"
-if [ -f .venv/bin/activate ]; then . .venv/bin/activate; PY=python; fi
+# a python whose torch sees CUDA: $PYTHON, else ./.venv (if its torch is a CUDA build), else python3
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  PY=python3
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    PY=.venv/bin/python
+  fi
+fi
+# the package (kernels/ is mapped to softtriple_triton.kernels by pyproject, so PYTHONPATH is not enough)
+"$PY" -c "import softtriple_triton.kernels" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  || echo "WARNING: could not install the package (pip install -e .)"
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
@@ -28,10 +37,11 @@ PYEOF
 cat "$OUT/env.txt"
 "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA: stopping"; exit 2; }
 # 1. CUDA tests (~3 min budget)
-timeout 200 "$PY" -m pytest -m cuda -x -q tests > "$OUT/pytest_cuda.log" 2>&1
+timeout 210 "$PY" -m pytest -m cuda -x -q tests > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest -m cuda rc=$?" | tee -a "$OUT/env.txt"
 tail -5 "$OUT/pytest_cuda.log"
-# 2. quick GPU bench (~3 min budget): targets' shapes, triton vs eager / compile / PML / GEMM floor
-timeout 240 "$PY" bench/run.py --quick --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+# 2. quick GPU bench (~4 min budget): the GPU targets' shapes first, triton vs eager / torch.compile / PML /
+#    GEMM floor; on SIGTERM (timeout) it still writes summary.md and the plots of what it finished (exit 3)
+timeout 230 "$PY" bench/run.py --quick --device cuda --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/env.txt"
 tail -25 "$OUT/bench.log"

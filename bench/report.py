@@ -259,10 +259,21 @@ def plots(df, env, out):
             sp = (b / ours).dropna().sort_index()
             if not sp.empty:
                 ax.plot(sp.index, sp.values, "o-", color=COLORS[p], label=f"over {P.LABELS[p]}")
+        eg = st[st["provider"] == "eager"].set_index(xvar)["value"].astype(float)
+        fl = st[st["provider"] == "floor"].set_index(xvar)["value"].astype(float)
+        ceil = (eg / fl).dropna().sort_index()
+        if not ceil.empty:  # what a loss costing only its GEMMs would gain over eager
+            ax.plot(ceil.index, ceil.values, ":", color="black", label="GEMM floor over eager (ceiling)")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+        fmt = FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel(xvar)
-        ax.set_ylabel("speedup of ours (x), fwd+bwd")
+        ax.set_ylabel("speedup of ours, fwd+bwd (log)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -74,7 +74,7 @@ def test_baselines_compute_the_reference_loss():
         for prov in provs:
             step, params = P.build(prov, case, x, fc, y, "cpu")
             v = step()
-            assert abs(float(v) - float(ref)) <= 1e-6 * abs(float(ref)), (prov, K, tau, float(v), float(ref))
+            assert abs(v.item() - ref.item()) <= 1e-6 * abs(ref.item()), (prov, K, tau, v.item(), ref.item())
             v.backward()
             assert all(p.grad is not None for p in params), prov
             x.grad = None
