@@ -264,7 +264,7 @@ def estimate_s(case: P.Case, args, policy, gflops) -> float:
             n = policy["min_reps"] if step < 1.0 else policy["slow_reps"]
             t += step + max(n * step, policy["target_s"]) + (15.0 if prov == "compile" else 0.0)
         if case.memory and prov in memory_providers(case, args, policy, gflops):
-            t += (2 if prov == "compile" else 1) * step
+            t += (2 * step + 8.0) if prov == "compile" else step
     return t + (5.0 if case.memory else 0.0)
 
 
