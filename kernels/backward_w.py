@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import (acc_dtype, check_operands, dot_dtype, dot_precision, grad_dot_dtype, hyper_tensor,
-                     split_count, tile_config, tl_dtype)
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch, upstream_args
 from .tiles import grad_similarity, inner_softmax, load_hyper, similarity_tile, tile_lanes, upstream_grad
 
 
@@ -78,34 +77,22 @@ def softtriple_backward_w(x, w, rw, labels, g, lse, dS, K: int, la: float, gamma
     M = w.shape[1]
     C = M // K
     acc = acc_dtype(x.dtype, w.dtype)
-    dot = dot_dtype(x.dtype, w.dtype)
-    cfg = tile_config(N, d, C, K, x.device, block_m)
-    n_row_blocks = triton.cdiv(N, cfg.block_n)
-    n_tiles = triton.cdiv(C, cfg.block_c)
-    n_splits = split_count(n_tiles, max(n_row_blocks, 1), x.device, splits)
-    blocks_per_split = triton.cdiv(n_row_blocks, n_splits)
-    n_splits = max(1, triton.cdiv(n_row_blocks, max(blocks_per_split, 1)))
-    logits = dS is not None
-    dummy = torch.empty((1,), dtype=acc, device=x.device)
-    if logits:
-        if dS.shape != (N, C):
-            raise ValueError(f"dS must have shape ({N}, {C}), got {tuple(dS.shape)}")
-        y, g, lse = torch.empty((1,), dtype=torch.int64, device=x.device), dummy, dummy
-        ds_arg, sdn, sdc = dS, dS.stride(0), dS.stride(1)
-    else:
-        y, ds_arg, sdn, sdc = labels, dummy, 0, 0
-    dw = torch.zeros((n_splits, d, M), dtype=acc, device=x.device)
-    drw = torch.zeros((n_splits, M), dtype=acc, device=x.device)
-    if N > 0 and M > 0:
-        softtriple_bwd_w_kernel[(n_tiles, n_splits)](
-            x, w, rw, y, g, lse, ds_arg, hyper_tensor((la, 1.0 / gamma, margin), acc, x.device), dw, drw,
-            N, d, C, K, M, n_row_blocks, blocks_per_split,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), sdn, sdc,
-            BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
-            DOT_DTYPE=tl_dtype(dot), GRAD_DTYPE=tl_dtype(grad_dot_dtype(dot)), ACC_DTYPE=tl_dtype(acc),
-            PRECISION=dot_precision(dot), LOGITS=logits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if n_splits == 1:
-        return dw[0], drw[0]
-    return dw.sum(dim=0), drw.sum(dim=0)
+    y, g, lse, ds_arg, sdn, sdc, logits = upstream_args(labels, g, lse, dS, N, C, acc, x.device)
+    hp = hyper_tensor((la, 1.0 / gamma, margin), acc, x.device)
+
+    def run(cfg):
+        plan = plan_launch(N, C, cfg, x.device, splits, loop_over_rows=True)
+        dw = torch.zeros((plan.n_splits, d, M), dtype=acc, device=x.device)
+        drw = torch.zeros((plan.n_splits, M), dtype=acc, device=x.device)
+        if N > 0 and M > 0:
+            softtriple_bwd_w_kernel[(plan.n_tiles, plan.n_splits)](
+                x, w, rw, y, g, lse, ds_arg, hp, dw, drw,
+                N, d, C, K, M, plan.n_row_blocks, plan.per_split,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), sdn, sdc,
+                LOGITS=logits, **kernel_meta(cfg, x.dtype, w.dtype, grad=True),
+            )
+        if plan.n_splits == 1:
+            return dw[0], drw[0]
+        return dw.sum(dim=0), drw.sum(dim=0)
+
+    return run(choose_tiles("backward_w", x, w, K, block_m, run))

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import (acc_dtype, check_operands, dot_dtype, dot_precision, grad_dot_dtype, hyper_tensor,
-                     split_count, tile_config, tl_dtype)
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch, upstream_args
 from .tiles import grad_similarity, inner_softmax, load_hyper, similarity_tile, tile_lanes, upstream_grad
 
 
@@ -75,31 +74,19 @@ def softtriple_backward_x(x, w, rw, labels, g, lse, dS, K: int, la: float, gamma
     N, d = x.shape
     C = w.shape[1] // K
     acc = acc_dtype(x.dtype, w.dtype)
-    dot = dot_dtype(x.dtype, w.dtype)
-    cfg = tile_config(N, d, C, K, x.device, block_m)
-    n_row_blocks = triton.cdiv(N, cfg.block_n)
-    n_tiles = triton.cdiv(C, cfg.block_c)
-    n_splits = split_count(n_row_blocks, n_tiles, x.device, splits)
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)
-    logits = dS is not None
-    dummy = torch.empty((1,), dtype=acc, device=x.device)
-    if logits:
-        if dS.shape != (N, C):
-            raise ValueError(f"dS must have shape ({N}, {C}), got {tuple(dS.shape)}")
-        y, g, lse = torch.empty((1,), dtype=torch.int64, device=x.device), dummy, dummy
-        ds_arg, sdn, sdc = dS, dS.stride(0), dS.stride(1)
-    else:
-        y, ds_arg, sdn, sdc = labels, dummy, 0, 0
-    dx = torch.zeros((n_splits, N, d), dtype=acc, device=x.device)
-    if N > 0 and d > 0:
-        softtriple_bwd_x_kernel[(n_row_blocks, n_splits)](
-            x, w, rw, y, g, lse, ds_arg, hyper_tensor((la, 1.0 / gamma, margin), acc, x.device), dx,
-            N, d, C, K, n_tiles, tiles_per_split,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), sdn, sdc,
-            BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
-            DOT_DTYPE=tl_dtype(dot), GRAD_DTYPE=tl_dtype(grad_dot_dtype(dot)), ACC_DTYPE=tl_dtype(acc),
-            PRECISION=dot_precision(dot), LOGITS=logits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return dx[0] if n_splits == 1 else dx.sum(dim=0)
+    y, g, lse, ds_arg, sdn, sdc, logits = upstream_args(labels, g, lse, dS, N, C, acc, x.device)
+    hp = hyper_tensor((la, 1.0 / gamma, margin), acc, x.device)
+
+    def run(cfg):
+        plan = plan_launch(N, C, cfg, x.device, splits, loop_over_rows=False)
+        dx = torch.zeros((plan.n_splits, N, d), dtype=acc, device=x.device)
+        if N > 0 and d > 0:
+            softtriple_bwd_x_kernel[(plan.n_row_blocks, plan.n_splits)](
+                x, w, rw, y, g, lse, ds_arg, hp, dx,
+                N, d, C, K, plan.n_tiles, plan.per_split,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), sdn, sdc,
+                LOGITS=logits, **kernel_meta(cfg, x.dtype, w.dtype, grad=True),
+            )
+        return dx[0] if plan.n_splits == 1 else dx.sum(dim=0)
+
+    return run(choose_tiles("backward_x", x, w, K, block_m, run))

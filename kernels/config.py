@@ -87,6 +87,100 @@ def tile_config(N: int, d: int, C: int, K: int, device: torch.device, block_m: i
                       num_warps=8 if block_c * kp >= 128 else 4)
 
 
+# Candidate tiles for the opt-in autotuner: (block_n, target block_m, block_d, num_warps).
+CANDIDATE_TILES = ((64, 128, 64, 8), (64, 64, 64, 4), (128, 64, 32, 8), (32, 128, 64, 4), (128, 128, 32, 8),
+                   (64, 256, 32, 8))
+_autotune = {"enabled": os.environ.get("SOFTTRIPLE_TRITON_AUTOTUNE", "0") == "1"}
+_tuned: dict = {}
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Opt in to (or out of) autotuning the tiles of the CUDA kernels; returns the previous setting.
+
+    Off by default: the fixed tiles of ``tile_config`` are used. When on, the first call for a given
+    (kernel, N rounded up to a power of two, d, C, K, dtypes) times every candidate of CANDIDATE_TILES with
+    ``triton.testing.do_bench`` and keeps the fastest for the rest of the process. Also settable with the
+    environment variable SOFTTRIPLE_TRITON_AUTOTUNE=1.
+    """
+    old = _autotune["enabled"]
+    _autotune["enabled"] = bool(enabled)
+    return old
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=25)
+
+
+def _autotune_applies(device: torch.device) -> bool:
+    return _autotune["enabled"] and device.type == "cuda" and not interpreting()
+
+
+def choose_tiles(kind: str, x: torch.Tensor, w: torch.Tensor, K: int, block_m: int | None, run) -> TileConfig:
+    """The tile configuration for one launch: fixed by default, the fastest candidate when autotuning.
+
+    ``run(cfg)`` performs the launch with fresh outputs (the kernels never accumulate into caller memory).
+    """
+    N, d = x.shape
+    C = w.shape[1] // K
+    default = tile_config(N, d, C, K, x.device, block_m)
+    if block_m is not None or not _autotune_applies(x.device):
+        return default
+    key = (kind, triton.next_power_of_2(max(N, 1)), d, C, K, x.dtype, w.dtype, str(x.device))
+    if key not in _tuned:
+        kp = default.kp
+        cands = {default}
+        for bn, bm, bd, warps in CANDIDATE_TILES:
+            bc = min(max(1, bm // kp), triton.next_power_of_2(C))
+            while bc * kp < 16:
+                bc *= 2
+            cands.add(TileConfig(block_n=bn, block_c=bc, kp=kp, block_d=max(16, min(bd, triton.next_power_of_2(d))),
+                                 num_warps=warps))
+        _tuned[key] = min(sorted(cands, key=repr), key=lambda cfg: _bench(lambda: run(cfg)))
+    return _tuned[key]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Grid of one launch: row blocks x class tiles, and the split of the looped dimension."""
+    n_row_blocks: int
+    n_tiles: int
+    n_splits: int
+    per_split: int  # loop iterations (class tiles, or row blocks for the centers' backward) per split
+
+
+def plan_launch(N: int, C: int, cfg: TileConfig, device: torch.device, splits: int | None,
+                loop_over_rows: bool) -> LaunchPlan:
+    n_row_blocks = triton.cdiv(N, cfg.block_n)
+    n_tiles = triton.cdiv(C, cfg.block_c)
+    programs, loop = (n_tiles, n_row_blocks) if loop_over_rows else (n_row_blocks, n_tiles)
+    n_splits = split_count(programs, max(loop, 1), device, splits)
+    per_split = max(1, triton.cdiv(loop, n_splits))
+    n_splits = max(1, triton.cdiv(loop, per_split))  # every split gets at least one iteration
+    return LaunchPlan(n_row_blocks, n_tiles, n_splits, per_split)
+
+
+def kernel_meta(cfg: TileConfig, x_dtype: torch.dtype, w_dtype: torch.dtype, grad: bool) -> dict:
+    """The constexpr and launch keyword arguments shared by all three kernels."""
+    dot = dot_dtype(x_dtype, w_dtype)
+    meta = dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
+                DOT_DTYPE=tl_dtype(dot), ACC_DTYPE=tl_dtype(acc_dtype(x_dtype, w_dtype)),
+                PRECISION=dot_precision(dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if grad:
+        meta["GRAD_DTYPE"] = tl_dtype(grad_dot_dtype(dot))
+    return meta
+
+
+def upstream_args(labels, g, lse, dS, N: int, C: int, acc: torch.dtype, device: torch.device):
+    """Kernel arguments (y, g, lse, ds, stride_dsn, stride_dsc, LOGITS) of the two backward modes."""
+    dummy = torch.empty((1,), dtype=acc, device=device)
+    if dS is None:
+        return labels, g, lse, dummy, 0, 0, False
+    if dS.shape != (N, C):
+        raise ValueError(f"dS must have shape ({N}, {C}), got {tuple(dS.shape)}")
+    return torch.empty((1,), dtype=torch.int64, device=device), dummy, dummy, dS, dS.stride(0), dS.stride(1), True
+
+
 def split_count(programs: int, work_items: int, device: torch.device, splits: int | None) -> int:
     """How many independent splits of the loop dimension to launch so the GPU is full.
 

@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import (acc_dtype, check_operands, dot_dtype, dot_precision, hyper_tensor, split_count,
-                     tile_config, tl_dtype)
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch
 from .tiles import class_logits, inner_softmax, load_hyper, similarity_tile, tile_lanes
 
 
@@ -73,36 +72,29 @@ def _launch(x, w, rw, labels, K, la, gamma, margin, logits, splits, block_m):
     N, d = x.shape
     C = w.shape[1] // K
     acc = acc_dtype(x.dtype, w.dtype)
-    dot = dot_dtype(x.dtype, w.dtype)
-    cfg = tile_config(N, d, C, K, x.device, block_m)
-    n_row_blocks = triton.cdiv(N, cfg.block_n)
-    n_tiles = triton.cdiv(C, cfg.block_c)
-    n_splits = 1 if logits else split_count(n_row_blocks, n_tiles, x.device, splits)
-    tiles_per_split = triton.cdiv(n_tiles, n_splits)
-    n_splits = triton.cdiv(n_tiles, tiles_per_split)  # every split gets at least one tile
     hp = hyper_tensor((la, 1.0 / gamma, margin), acc, x.device)
-    if logits:
-        S = torch.empty((N, C), dtype=acc, device=x.device)
-        m = l = zt = S  # unused
-        y = torch.empty((1,), dtype=torch.int64, device=x.device)
-    else:
-        S = torch.empty((1, 1), dtype=acc, device=x.device)
-        m = torch.empty((n_splits, N), dtype=acc, device=x.device)
-        l = torch.empty_like(m)
-        zt = torch.empty_like(m)
-        y = labels
-    if N > 0:
-        softtriple_fwd_kernel[(n_row_blocks, n_splits)](
-            x, w, rw, y, hp, m, l, zt, S,
-            N, d, C, K, n_tiles, tiles_per_split,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), S.stride(0), S.stride(1),
-            BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
-            DOT_DTYPE=tl_dtype(dot), ACC_DTYPE=tl_dtype(acc), PRECISION=dot_precision(dot), LOGITS=logits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if logits:
-        return S
-    return m, l, zt
+    y = torch.empty((1,), dtype=torch.int64, device=x.device) if logits else labels
+
+    def run(cfg):
+        plan = plan_launch(N, C, cfg, x.device, 1 if logits else splits, loop_over_rows=False)
+        if logits:
+            S = torch.empty((N, C), dtype=acc, device=x.device)
+            m = l = zt = S  # unused
+        else:
+            S = torch.empty((1, 1), dtype=acc, device=x.device)
+            m = torch.empty((plan.n_splits, N), dtype=acc, device=x.device)
+            l = torch.empty_like(m)
+            zt = torch.empty_like(m)
+        if N > 0:
+            softtriple_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
+                x, w, rw, y, hp, m, l, zt, S,
+                N, d, C, K, plan.n_tiles, plan.per_split,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), S.stride(0), S.stride(1),
+                LOGITS=logits, **kernel_meta(cfg, x.dtype, w.dtype, grad=False),
+            )
+        return S if logits else (m, l, zt)
+
+    return run(choose_tiles("logits" if logits else "forward", x, w, K, block_m, run))
 
 
 def softtriple_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, labels: torch.Tensor, K: int,

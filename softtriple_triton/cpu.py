@@ -42,8 +42,9 @@ def set_memory_budget(chunk_bytes: int | None = None, cache_bytes: int | None = 
 
 
 def _inverse_norms(w: Tensor) -> Tensor:
-    # F.normalize semantics: w / max(||w||, 1e-12)
-    return torch.linalg.vector_norm(w, dim=0).clamp_min(1e-12).reciprocal()
+    # F.normalize semantics: w / max(||w||, 1e-12). vecdot + sqrt: torch.linalg.vector_norm over dim 0 is ~3.5x
+    # slower on CPU (4.5 ms vs 1.2 ms for [512, 10000], one thread).
+    return torch.linalg.vecdot(w, w, dim=0).sqrt_().clamp_min_(1e-12).reciprocal_()
 
 
 def _chunk_classes(N: int, C: int, K: int, itemsize: int) -> int:
@@ -57,10 +58,11 @@ _MIN_GAMMA_FOR_CONSTANT_SHIFT = {torch.float32: 2.0 / 80.0, torch.float64: 2.0 /
 
 
 def _chunk_similarity(x: Tensor, w: Tensor, rw_g: Tensor, c0: int, c1: int, K: int, inv_gamma: float,
-                      bounded: bool):
-    """Classes c0..c1: t = s / gamma [N, m, K], e = exp(t - shift), den = sum_k e [N, m], S [N, m].
+                      bounded: bool, need_factor: bool):
+    """Classes c0..c1: the relaxed similarity S [N, m], den = sum_k e [N, m] with e = exp(t - shift), t = s / gamma,
+    and (if need_factor) the gradient factor a = den * dS/ds = e * (t + 1 - S / gamma) [N, m, K].
 
-    p = e / den is never formed: S = gamma * sum_k e t / den and the gradient factor fold den in.
+    p = e / den is never formed: S = gamma * sum_k e t / den, and den is folded into the backward.
     ``bounded`` (unit-norm embeddings, gamma not tiny): |s| <= 1, so the shift is the constant 1 / gamma
     and no per-class maximum is needed. rw_g = rw / gamma (inverse column norms over the temperature).
     """
@@ -69,8 +71,12 @@ def _chunk_similarity(x: Tensor, w: Tensor, rw_g: Tensor, c0: int, c1: int, K: i
     e = torch.sub(t, inv_gamma) if bounded else t - t.amax(dim=2, keepdim=True)
     e.exp_()
     den = e.sum(dim=2)
-    S = torch.linalg.vecdot(e, t, dim=2).div_(den).div_(inv_gamma)
-    return t, e, den, S
+    et = t.mul_(e)  # e * t, in place of t
+    S = et.sum(dim=2).div_(den).div_(inv_gamma)
+    if not need_factor:
+        return S, den, None
+    # a = e * t + e * (1 - S / gamma), in place of e * t
+    return S, den, et.addcmul_(e, (1.0 - S * inv_gamma).unsqueeze(2))
 
 
 def _label_index(labels: Tensor, c0: int, c1: int):
@@ -87,11 +93,6 @@ def _chunk_logits(S: Tensor, labels: Tensor, c0: int, la: float, margin: float):
     z = S * la
     z.view(-1)[idx] -= (la * margin) * own.to(z.dtype)
     return z, idx, own
-
-
-def _grad_factor(t: Tensor, e: Tensor, S: Tensor, inv_gamma: float) -> Tensor:
-    """den * p * (1 + (s - S) / gamma) = e * (t + 1 - S / gamma), in place of t."""
-    return t.add_((1.0 - S * inv_gamma).unsqueeze(2)).mul_(e)
 
 
 def _centers_grad(wa: Tensor, rw: Tensor, V: Tensor) -> Tensor:
@@ -126,15 +127,15 @@ class _TorchLoss(torch.autograd.Function):
         cached = []
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded)
+            S, den, a = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded, cache)
             z, idx, own = _chunk_logits(S, labels, c0, la, margin)
             zt += torch.where(own, z.view(-1)[idx], 0.0)
             m_new = torch.maximum(m_run, z.amax(dim=1))
             l_run = l_run * torch.exp(m_run - m_new) + torch.exp(z - m_new.unsqueeze(1)).sum(dim=1)
             m_run = m_new
             if cache:
-                cached.append((z, den, _grad_factor(t, e, S, inv_gamma)))
-            del t, e, den, S
+                cached.append((z, den, a))
+            del S, den, a
         log_l = torch.log(l_run)
         ctx.save_for_backward(xa, wa, rw, labels, m_run + log_l)
         ctx.hyper = (K, la, gamma, margin, bounded, step, x.dtype, w.dtype)
@@ -158,10 +159,9 @@ class _TorchLoss(torch.autograd.Function):
             if ctx.cached is not None:
                 z, den, a = ctx.cached[i]
             else:
-                t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded)
+                S, den, a = _chunk_similarity(xa, wa, rw_g, c0, c1, K, inv_gamma, bounded, True)
                 z = _chunk_logits(S, labels, c0, la, margin)[0]
-                a = _grad_factor(t, e, S, inv_gamma)
-                del t, e, S
+                del S
             # dL/dS = g * la * (softmax(z) - onehot); dL/ds = dL/dS / den * a
             gS = torch.exp(z - lse.unsqueeze(1))
             idx, own = _label_index(labels, c0, c1)
@@ -186,7 +186,7 @@ class _TorchLogits(torch.autograd.Function):
         out = torch.empty((N, C), dtype=xa.dtype, device=x.device)
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            out[:, c0:c1] = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded)[3]
+            out[:, c0:c1] = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded, False)[0]
         ctx.save_for_backward(xa, wa, rw)
         ctx.hyper = (K, gamma, bounded, step, x.dtype, w.dtype)
         return out
@@ -203,9 +203,9 @@ class _TorchLogits(torch.autograd.Function):
         V = torch.empty_like(wa)
         for c0 in range(0, C, step):
             c1 = min(C, c0 + step)
-            t, e, den, S = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded)
+            _, den, a = _chunk_similarity(xa, wa, rw_g, c0, c1, K, 1.0 / gamma, bounded, True)
             cols = slice(c0 * K, c1 * K)
-            ds = _grad_factor(t, e, S, 1.0 / gamma).mul_((dS[:, c0:c1] / den).unsqueeze(2))
+            ds = a.mul_((dS[:, c0:c1] / den).unsqueeze(2))
             ds = ds.view(N, -1).mul_(rw[cols])
             dx.addmm_(ds, wa[:, cols].t())
             torch.mm(xa.t(), ds, out=V[:, cols])
