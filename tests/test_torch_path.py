@@ -61,3 +61,23 @@ def test_budget_arguments_are_validated():
         st.set_memory_budget(chunk_bytes=0)
     with pytest.raises(ValueError, match="cache_bytes"):
         st.set_memory_budget(cache_bytes=-1)
+
+
+def test_buffer_pool_interleaved_graphs_stay_exact(budget):
+    """Two graphs alive at once (forward A, forward B, backward B, backward A) with one-class chunks and the
+    forward cache on: a pooled buffer is reused only after its graph has handed it back."""
+    from softtriple_triton import cpu
+
+    budget(chunk_bytes=600, cache_bytes=1 << 30)
+    cases = [make_inputs(15, 7, 9, 3, seed=s) for s in (1, 2)]
+    leaves = [(x.clone().requires_grad_(True), w.clone().requires_grad_(True), y) for x, w, y in cases]
+    losses = [st.softtriple_loss(x, w, y, 3, tau=0.0, backend="torch") for x, w, y in leaves]
+    losses[1].backward()
+    losses[0].backward()
+    for (x, w, y), (xl, wl, _), loss in zip(cases, leaves, losses):
+        want = loss_and_grads(lambda a, b: st.softtriple_loss(a, b, y, 3, tau=0.0, backend="reference"), x, w)
+        assert rel_err(loss, want[0]) <= 1e-13
+        assert rel_err(xl.grad, want[1]) <= 1e-12
+        assert rel_err(wl.grad, want[2]) <= 1e-12
+    held = sum(b.numel() * b.element_size() for b in cpu._pool)
+    assert 0 < held <= 2 * 600
