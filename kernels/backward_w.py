@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch, upstream_args
-from .tiles import grad_similarity, inner_softmax, load_hyper, similarity_tile, tile_lanes, upstream_grad
+from .tiles import class_tile, grad_similarity, load_hyper, tile_lanes, upstream_grad
 
 
 @triton.jit
@@ -31,10 +31,7 @@ def softtriple_bwd_w_kernel(
     BLOCK_M: tl.constexpr = BLOCK_C * KP
     la, inv_gamma, margin = load_hyper(hp_ptr)
 
-    c0 = pid_t * BLOCK_C
-    cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
-    cls = c0 + tl.arange(0, BLOCK_C)
-    cls_valid = cls < C
+    cols, col_mask, _ = tile_lanes(pid_t * BLOCK_C, C, K, BLOCK_C, KP)  # this program's columns
     # partials of this split: dw [n_splits, d, M] and drw [n_splits, M], contiguous, ACC_DTYPE
     dw_split = dw_ptr + pid_s.to(tl.int64) * d * M
     drw_acc = tl.zeros((BLOCK_M,), ACC_DTYPE)
@@ -44,10 +41,9 @@ def softtriple_bwd_w_kernel(
     for b in range(b_begin, b_end):
         rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        u, s, rw = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
-                                   stride_xn, stride_xd, stride_wd, stride_wm,
-                                   BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        p3, s3, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
+        _, _, cls, cls_valid, u, rw, p3, s3, S = class_tile(
+            x_ptr, w_ptr, rw_ptr, rows, row_mask, pid_t * BLOCK_C, C, K, d, inv_gamma,
+            stride_xn, stride_xd, stride_wd, stride_wm, BLOCK_N, BLOCK_C, KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
         gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls_valid, S,
                            stride_dsn, stride_dsc, la, margin, LOGITS)
         ds = grad_similarity(gS, p3, s3, S, inv_gamma, BLOCK_N, BLOCK_M)

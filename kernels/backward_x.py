@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch, upstream_args
-from .tiles import grad_similarity, inner_softmax, load_hyper, similarity_tile, tile_lanes, upstream_grad
+from .tiles import class_tile, grad_similarity, load_hyper, upstream_grad
 
 
 @triton.jit
@@ -39,14 +39,10 @@ def softtriple_bwd_x_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     for t in range(t_begin, t_end):
-        c0 = t * BLOCK_C
-        cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
-        _, s, rw = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
-                                   stride_xn, stride_xd, stride_wd, stride_wm,
-                                   BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        p3, s3, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
-        cls = c0 + tl.arange(0, BLOCK_C)
-        gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
+        cols, col_mask, cls, cls_valid, _, rw, p3, s3, S = class_tile(
+            x_ptr, w_ptr, rw_ptr, rows, row_mask, t * BLOCK_C, C, K, d, inv_gamma,
+            stride_xn, stride_xd, stride_wd, stride_wm, BLOCK_N, BLOCK_C, KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+        gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls_valid, S,
                            stride_dsn, stride_dsc, la, margin, LOGITS)
         ds = grad_similarity(gS, p3, s3, S, inv_gamma, BLOCK_N, BLOCK_M)
         ds = (ds * rw[None, :]).to(GRAD_DTYPE)

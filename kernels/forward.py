@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch
-from .tiles import class_logits, inner_softmax, load_hyper, similarity_tile, tile_lanes
+from .tiles import class_logits, class_tile, load_hyper
 
 
 @triton.jit
@@ -28,7 +28,6 @@ def softtriple_fwd_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    BLOCK_M: tl.constexpr = BLOCK_C * KP
     la, inv_gamma, margin = load_hyper(hp_ptr)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,14 +41,9 @@ def softtriple_fwd_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     for t in range(t_begin, t_end):
-        c0 = t * BLOCK_C
-        cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
-        _, s, _ = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
-                                  stride_xn, stride_xd, stride_wd, stride_wm,
-                                  BLOCK_N, BLOCK_M, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
-        _, _, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_valid = cls < C
+        _, _, cls, cls_valid, _, _, _, _, S = class_tile(
+            x_ptr, w_ptr, rw_ptr, rows, row_mask, t * BLOCK_C, C, K, d, inv_gamma,
+            stride_xn, stride_xd, stride_wd, stride_wm, BLOCK_N, BLOCK_C, KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
         if LOGITS:
             tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sn + cls.to(tl.int64)[None, :] * stride_sc,
                      S, mask=row_mask[:, None] & cls_valid[None, :])

@@ -64,6 +64,22 @@ def inner_softmax(s, k_valid, inv_gamma,
 
 
 @triton.jit
+def class_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, c0, C, K, d, inv_gamma,
+               stride_xn, stride_xd, stride_wd, stride_wm,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Everything a kernel needs about the tile (rows x classes c0 .. c0+BLOCK_C), recomputed from the inputs:
+    lanes (cols, col_mask), classes (cls, cls_valid), raw dots u, cosines s, rw, and the inner softmax (p3, s3, S)."""
+    cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
+    u, s, rw = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
+                               stride_xn, stride_xd, stride_wd, stride_wm,
+                               BLOCK_N, BLOCK_C * KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+    p3, s3, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
+    cls = c0 + tl.arange(0, BLOCK_C)
+    return cols, col_mask, cls, cls < C, u, rw, p3, s3, S
+
+
+@triton.jit
 def load_hyper(hp_ptr):
     """(la, 1/gamma, margin) from a 3-element tensor in the accumulation dtype (fp64-exact for fp64 inputs;
     Python float kernel arguments would be rounded to fp32)."""
