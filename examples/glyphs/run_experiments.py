@@ -86,8 +86,11 @@ def fmt(m, s, nd=3):
 
 # ----------------------------------------------------------------------------------------------
 
+PREFIX = ""  # "latin_" for the Latin set
+
+
 def exp_baselines(data, size):
-    path = os.path.join(RES, "runs", "baselines.json")
+    path = os.path.join(RES, "runs", f"{PREFIX}baselines.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -104,7 +107,7 @@ def exp_a(data, P, base: Config):
     for K, tau in P["a_configs"]:
         for s in P["seeds"]:
             cfg = dataclasses.replace(base, K=K, tau=tau, seed=s, steps=P["steps"], eval_every=P["eval_every"])
-            r = run_cached(f"a_K{K}_tau{tau}_s{s}_n{P['steps']}", cfg, data, save_model=(s == 0))
+            r = run_cached(f"{PREFIX}a_K{K}_tau{tau}_s{s}_n{P['steps']}", cfg, data, save_model=(s == 0))
             rows.append(dict(K=K, tau=tau, seed=s, steps=P["steps"], step_s=r["step_s"], **r["final"], run=r))
     return rows
 
@@ -131,6 +134,39 @@ def exp_b(data, P, base: Config, small: dict):
                 row[f"{m}_pml"] = pair["pml"]["final"][m]
             row["pair"] = pair
             out.append(row)
+    return out
+
+
+def exp_b_controls(data, P, base: Config, small: dict, rows_b):
+    """Controls for (b): (1) the same loss (ours) started from centers perturbed by one float32 ulp
+    (x (1 + 2^-23)): how far does pure rounding noise move the trajectory? (2) ours with PML evaluated
+    as a 'shadow' on the identical embeddings and centers every 10 steps along the trajectory: loss and
+    gradient differences of the two implementations at the same point."""
+    out = []
+    for tag, d, tau, steps, seeds in (("kanji", data, 0.0, P["b_steps"], P["b_seeds"]),
+                                      ("kanji-200", small, 0.2, P["b_small_steps"], P.get("b_small_seeds", P["b_seeds"]))):
+        for s in seeds:
+            cfg = dataclasses.replace(base, loss="ours", K=10, tau=tau, seed=s, steps=steps,
+                                      eval_every=max(steps // 3, 1), num_classes=len(d["chars"]))
+            pert = run_cached(f"b_{tag}_ours-perturbed_tau{tau}_s{s}_n{steps}",
+                              dataclasses.replace(cfg, init_perturb=2.0 ** -23), d)
+            shadow = run_cached(f"b_{tag}_ours-shadowpml_tau{tau}_s{s}_n{steps}",
+                                dataclasses.replace(cfg, shadow_loss="pml", shadow_every=10), d)
+            rb = next(r for r in rows_b if r["data"] == tag and r["seed"] == s)
+            ours = rb["pair"]["ours"]
+            lo = np.array(ours["history"]["loss"])
+            h = shadow["history"]
+            out.append(dict(
+                data=tag, tau=tau, seed=s, steps=steps,
+                ours_vs_pml_max_abs_loss_diff=rb["max_abs_loss_diff"],
+                ours_vs_pml_max_abs_metric_diff=rb["max_abs_metric_diff"],
+                ours_vs_1ulp_max_abs_loss_diff=float(np.abs(lo - np.array(pert["history"]["loss"])).max()),
+                ours_vs_1ulp_max_abs_metric_diff=max(abs(ours["final"][m] - pert["final"][m]) for m in METRICS),
+                shadow_points=len(h["shadow_step"]),
+                shadow_max_loss_absdiff=max(h["shadow_loss_absdiff"]),
+                shadow_max_grad_emb_reldiff=max(h["shadow_grad_emb_reldiff"]),
+                shadow_max_grad_fc_reldiff=max(h["shadow_grad_fc_reldiff"]),
+                shadow_run_reproduces_ours=bool(np.array_equal(lo, np.array(h["loss"])))))
     return out
 
 
@@ -175,7 +211,7 @@ def exp_c(data, P, base: Config, C: int):
 
 # ----------------------------------------------------------------------------------------------
 
-def write_tables(base_m, rows_a, rows_b, c, C, P, meta):
+def write_tables(base_m, rows_a, rows_b, c, C, P, meta, rows_bc=()):
     import pandas as pd
     os.makedirs(RES, exist_ok=True)
     da = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in rows_a])
@@ -192,13 +228,14 @@ def write_tables(base_m, rows_a, rows_b, c, C, P, meta):
     dag.to_csv(os.path.join(RES, "a_summary.csv"), index=False)
     db = pd.DataFrame([{k: v for k, v in r.items() if k != "pair"} for r in rows_b])
     db.to_csv(os.path.join(RES, "b_ours_vs_pml.csv"), index=False)
-    dc = pd.DataFrame([dict(implementation=k, **v) for k, v in c.items()])
+    dc = pd.DataFrame([dict(C=Cc, implementation=k, **v) for Cc, cc in c.items() for k, v in cc.items()])
     dc.to_csv(os.path.join(RES, "c_step_time.csv"), index=False)
     dbase = pd.DataFrame([dict(method=k, **v) for k, v in base_m.items()])
     dbase.to_csv(os.path.join(RES, "baselines.csv"), index=False)
 
     L = [f"# Glyph retrieval results (preset `{meta['preset']}`)", "",
-         f"Machine: {meta['machine']}; torch {torch.__version__}, 1 thread per run. Kanji set: "
+         f"Machine: {meta['machine']} (shared with other jobs, so timings are noisy); torch {torch.__version__}, "
+         f"1 thread per run; repository at `{meta['rev']}` when the tables were written. Kanji set: "
          f"{meta['fonts']} fonts, {meta['classes']} classes ({meta['ctr']} train / {meta['cte']} test, "
          f"{meta['n_test']} test images, every one a query against all others). "
          f"Training: {P['steps']} steps x batch {meta['batch']}, small CNN (width {meta['width']}), "
@@ -234,17 +271,32 @@ def write_tables(base_m, rows_a, rows_b, c, C, P, meta):
                  f"{r['max_abs_loss_diff_step1']:.2e} | {r['max_abs_loss_diff']:.2e} | {r['max_rel_loss_diff']:.2e} | "
                  f"{r['max_abs_metric_diff']:.2e} | {r['R@1_ours']:.4f} / {r['R@1_pml']:.4f} | "
                  f"{r['MAP@R_ours']:.4f} / {r['MAP@R_pml']:.4f} |")
-    L += ["", f"## (c) training-step time at the kanji class count (C={C} train classes, K=10, tau=0.2, "
-          f"batch {meta['batch']}, 1 thread)", "",
-          "| implementation | full step (s) | loss fwd+bwd (s) |", "|---|---|---|"]
+    if rows_bc:
+        pd.DataFrame(list(rows_bc)).to_csv(os.path.join(RES, "b_controls.csv"), index=False)
+        L += ["", "Controls. *1-ulp*: ours vs ours started from centers multiplied by (1 + 2^-23) — pure float32 "
+              "rounding noise, to compare the ours-vs-PML divergence with. *Shadow*: a rerun of ours that also "
+              "evaluates PML on the identical embeddings and centers every 10 steps (loss difference; max-abs "
+              "gradient difference relative to the gradient's max-abs value).", "",
+              "| data | tau | seed | max |loss diff| ours vs PML | ... vs 1-ulp | max |metric diff| ours vs PML "
+              "| ... vs 1-ulp | shadow: max |loss diff| | grad emb rel | grad centers rel |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows_bc:
+            L.append(f"| {r['data']} | {r['tau']} | {r['seed']} | {r['ours_vs_pml_max_abs_loss_diff']:.2e} | "
+                     f"{r['ours_vs_1ulp_max_abs_loss_diff']:.2e} | {r['ours_vs_pml_max_abs_metric_diff']:.2e} | "
+                     f"{r['ours_vs_1ulp_max_abs_metric_diff']:.2e} | {r['shadow_max_loss_absdiff']:.1e} | "
+                     f"{r['shadow_max_grad_emb_reldiff']:.1e} | {r['shadow_max_grad_fc_reldiff']:.1e} |")
+    L += ["", f"## (c) training-step time at kanji class counts (K=10, tau=0.2, batch {meta['batch']}, 1 thread)", "",
+          f"C={C} is this benchmark's training class count; C=1000 is the 1,000-class kanji split of the issue. "
+          "Full step = CNN forward+backward + loss forward+backward + AdamW; median over repetitions.", "",
+          "| C | implementation | full step (s) | loss fwd+bwd (s) | speed-up vs plain: step / loss |",
+          "|---|---|---|---|---|"]
     names = {"ours": "ours (softtriple_triton, backend auto)", "reference": "plain formula (reference)",
              "pml": "pytorch-metric-learning + SparseCentersRegularizer"}
-    for k, v in c.items():
-        L.append(f"| {names[k]} | {v['step_s']:.3f} | {v['loss_s']:.3f} |")
-    if "reference" in c and "ours" in c:
-        L.append("")
-        L.append(f"Speed-up of ours over the plain formula: full step x{c['reference']['step_s'] / c['ours']['step_s']:.2f}, "
-                 f"loss alone x{c['reference']['loss_s'] / c['ours']['loss_s']:.2f}.")
+    for Cc, cc in c.items():
+        for k, v in cc.items():
+            sp = (f"x{cc['reference']['step_s'] / v['step_s']:.2f} / x{cc['reference']['loss_s'] / v['loss_s']:.2f}"
+                  if "reference" in cc else "")
+            L.append(f"| {Cc} | {names[k]} | {v['step_s']:.3f} | {v['loss_s']:.3f} | {sp} |")
     with open(os.path.join(RES, f"results_{meta['preset']}.md"), "w") as f:
         f.write("\n".join(L) + "\n")
     log("\n".join(L))
@@ -332,8 +384,10 @@ def main():
     global RES, MODELS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    ap.add_argument("--only", default="base,a,b,c", help="comma list of base,a,b,c")
+    ap.add_argument("--only", default="base,a,b,bc,c", help="comma list of base,a,b,bc,c (bc: controls of b)")
     ap.add_argument("--a-configs", default=None, help="override (a), e.g. 1:0.2,10:0.2 (K:tau, comma list)")
+    ap.add_argument("--set", choices=["kanji", "latin", "mpl"], default="kanji",
+                    help="latin / mpl: only the baselines and (a) (62 classes: 31 train / 31 test)")
     ap.add_argument("--out", default=RES, help="results folder (default: results/)")
     a = ap.parse_args()
     RES = a.out
@@ -342,6 +396,8 @@ def main():
     if a.a_configs:
         P["a_configs"] = [(int(k), float(t)) for k, t in (c.split(":") for c in a.a_configs.split(","))]
     torch.set_num_threads(1)
+    if a.set != "kanji":
+        return main_latin(a, P)
     base = Config(set="kanji", num_classes=1000, width=16, batch=256)
     data = build_dataset.load_or_build("kanji", base.size, base.num_classes)
     # 200-class subset for the (b) check with PML's O((C*K)^2) regulariser
@@ -352,15 +408,50 @@ def main():
     base_m = exp_baselines(data, base.size) if "base" in todo else {}
     rows_a = exp_a(data, P, base) if "a" in todo else []
     rows_b = exp_b(data, P, base, small) if "b" in todo else []
+    rows_bc = exp_b_controls(data, P, base, small, rows_b) if "b" in todo and "bc" in todo else []
     C = len(data["chars"]) // 2
-    c = exp_c(data, P, base, C) if "c" in todo else {}
+    c = {Cc: exp_c(data, P, base, Cc) for Cc in (C, 1000)} if "c" in todo else {}
     _, (_, yte), ctr, cte = train.split(data)
-    meta = dict(preset=a.preset, machine=f"{os.cpu_count()}-core CPU", fonts=len(data["fonts"]),
+    import subprocess
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    meta = dict(preset=a.preset, machine=f"{os.cpu_count()}-core CPU", rev=rev or "unknown", fonts=len(data["fonts"]),
                 classes=len(data["chars"]), ctr=ctr, cte=cte, n_test=len(yte), batch=base.batch, width=base.width)
     if base_m and rows_a and rows_b and c:
-        write_tables(base_m, rows_a, rows_b, c, C, P, meta)
+        write_tables(base_m, rows_a, rows_b, c, C, P, meta, rows_bc)
         plot_curves(rows_a, rows_b, P, a.preset)
         plot_retrieval(data, f"a_K10_tau0.2_s0_n{P['steps']}", base, a.preset)
+
+
+def main_latin(a, P):
+    global PREFIX
+    import pandas as pd
+    PREFIX = f"{a.set}_"
+    base = Config(set=a.set, width=16, batch=256)
+    data = build_dataset.load_or_build(a.set, base.size)
+    base_m = exp_baselines(data, base.size)
+    rows_a = exp_a(data, P, base)
+    _, (_, yte), ctr, cte = train.split(data)
+    da = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in rows_a])
+    os.makedirs(RES, exist_ok=True)
+    da.to_csv(os.path.join(RES, f"{PREFIX}a_runs.csv"), index=False)
+    L = [f"# {a.set} set (preset `{a.preset}`)", "",
+         f"{len(data['fonts'])} fonts, {len(data['chars'])} classes [0-9A-Za-z]: {ctr} train ({''.join(data['chars'][:ctr])}) / "
+         f"{cte} test ({''.join(data['chars'][ctr:])}), {len(yte)} test images. Training: {P['steps']} steps x batch "
+         f"{base.batch}. Mean ± sample std over seeds {P['seeds']}.", "",
+         "| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for k, v in base_m.items():
+        L.append(f"| {k} | " + " | ".join(f"{v[m]:.3f}" for m in METRICS) + " |")
+    agg = []
+    for (K, tau), g in da.groupby(["K", "tau"], sort=False):
+        row = {"config": f"K={K}, tau={tau}", "K": K, "tau": tau, "seeds": len(g)}
+        for m in METRICS:
+            row[m + "_mean"], row[m + "_std"] = mean_std(g[m])
+        agg.append(row)
+        L.append(f"| SoftTriple {row['config']} | " + " | ".join(fmt(row[m + '_mean'], row[m + '_std']) for m in METRICS) + " |")
+    pd.DataFrame(agg).to_csv(os.path.join(RES, f"{PREFIX}a_summary.csv"), index=False)
+    with open(os.path.join(RES, f"results_{a.set}_{a.preset}.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+    log("\n".join(L))
 
 
 if __name__ == "__main__":

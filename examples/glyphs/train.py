@@ -62,6 +62,9 @@ class Config:
     eval_every: int = 0              # >0: evaluate R@1 / MAP@R on a fixed test subset every n steps
     eval_subset_classes: int = 200
     threads: int = 1
+    init_perturb: float = 0.0        # >0: multiply the initial centers by (1 + this), e.g. 1 ulp (control)
+    shadow_loss: str = ""            # "pml" / "reference": also evaluate this loss (same inputs, same centers)
+    shadow_every: int = 10           # ... every n steps, recording loss and gradient differences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +172,24 @@ def subset_classes(labels: np.ndarray, n: int) -> np.ndarray:
     return np.isin(labels, keep)
 
 
+def shadow_compare(loss_fn, shadow, emb, y) -> dict:
+    """Evaluate two loss implementations on identical embeddings and centers: |loss diff| and the
+    max-abs gradient differences relative to the gradient's max-abs value."""
+    grads = []
+    for L in (loss_fn, shadow):
+        if L is shadow:
+            with torch.no_grad():
+                shadow.fc.data = loss_fn.fc.data.clone()
+        e = emb.detach().clone().requires_grad_(True)
+        val = L(e, y)
+        ge, gw = torch.autograd.grad(val, [e, L.fc])
+        grads.append((float(val.detach()), ge, gw))
+    (l1, e1, w1), (l2, e2, w2) = grads
+    return {"loss_absdiff": abs(l1 - l2),
+            "grad_emb_reldiff": float((e1 - e2).abs().max() / e2.abs().max().clamp_min(1e-30)),
+            "grad_fc_reldiff": float((w1 - w2).abs().max() / w2.abs().max().clamp_min(1e-30))}
+
+
 def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_model: bool = False) -> dict:
     torch.set_num_threads(cfg.threads)
     if data is None:
@@ -178,6 +199,11 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
     model = GlyphNet(cfg.emb_dim, cfg.width, cfg.size)
     loss_fn = make_loss(cfg.loss, Ctr, cfg.emb_dim, cfg.K, cfg.la, cfg.gamma, cfg.tau, cfg.margin)
     init_centers(loss_fn.fc, cfg.seed)
+    if cfg.init_perturb:
+        with torch.no_grad():
+            loss_fn.fc.mul_(1.0 + cfg.init_perturb)
+    shadow = (make_loss(cfg.shadow_loss, Ctr, cfg.emb_dim, cfg.K, cfg.la, cfg.gamma, cfg.tau, cfg.margin)
+              if cfg.shadow_loss else None)
     opt = torch.optim.AdamW([
         {"params": model.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": loss_fn.parameters(), "lr": cfg.lr_centers, "weight_decay": 0.0},
@@ -189,7 +215,8 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
     N = len(ytr)
     perm, pos = torch.randperm(N, generator=g), 0
     sub = subset_classes(yte, cfg.eval_subset_classes) if cfg.eval_every else None
-    hist = {"step": [], "loss": [], "time": [], "eval_step": [], "eval_R@1": [], "eval_MAP@R": []}
+    hist = {"step": [], "loss": [], "time": [], "eval_step": [], "eval_R@1": [], "eval_MAP@R": [],
+            "shadow_step": [], "shadow_loss_absdiff": [], "shadow_grad_emb_reldiff": [], "shadow_grad_fc_reldiff": []}
     t_train = 0.0
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
@@ -206,7 +233,14 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
         for grp, b in zip(opt.param_groups, base):
             grp["lr"] = b * warm * 0.5 * (1 + math.cos(math.pi * frac))
         ts = time.perf_counter()
-        loss = loss_fn(model(x), y)
+        emb = model(x)
+        if shadow is not None and (step == 1 or step % cfg.shadow_every == 0):
+            t_sh = time.perf_counter()
+            hist["shadow_step"].append(step)
+            for k, v in shadow_compare(loss_fn, shadow, emb, y).items():
+                hist["shadow_" + k].append(v)
+            ts += time.perf_counter() - t_sh  # not counted in the step time
+        loss = loss_fn(emb, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
