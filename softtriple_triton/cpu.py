@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .regularizer import column_dots
+
 DEFAULT_CHUNK_BYTES = 64 << 20   # largest N x chunk temporary
 DEFAULT_CACHE_BYTES = 512 << 20  # largest forward cache kept for the backward
 
@@ -67,21 +69,9 @@ def _give(buf: Tensor) -> None:
         _pool.append(buf)
 
 
-def _column_dots(a: Tensor, b: Tensor, rows: int = 32) -> Tensor:
-    """sum_d a[d, j] * b[d, j] for every column j, in blocks of rows.
-
-    torch.linalg.vecdot(a, b, dim=0) materialises a * b: a fresh d x M temporary whose page faults cost ~9 ms at
-    [512, 10000] (one thread), more than the arithmetic; blocks of 32 rows stay small and are reused.
-    """
-    out = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
-    for r in range(0, a.shape[0], rows):
-        out += torch.linalg.vecdot(a[r:r + rows], b[r:r + rows], dim=0)
-    return out
-
-
 def _inverse_norms(w: Tensor) -> Tensor:
     # F.normalize semantics: w / max(||w||, 1e-12); torch.linalg.vector_norm over dim 0 is ~3x slower on CPU
-    return _column_dots(w, w).sqrt_().clamp_min_(1e-12).reciprocal_()
+    return column_dots(w, w, w.dtype).sqrt_().clamp_min_(1e-12).reciprocal_()
 
 
 def _chunk_classes(N: int, C: int, K: int, itemsize: int) -> int:
@@ -145,7 +135,7 @@ def _chunk_logits(S: Tensor, labels: Tensor, c0: int, la: float, margin: float):
 
 def _centers_grad(wa: Tensor, rw: Tensor, V: Tensor) -> Tensor:
     """Through the column normalisation rw = 1/||w||: dw = V - w * rw^2 * (w . V), V = x^T @ (ds * rw)."""
-    return V.addcmul_(wa, (rw * rw * _column_dots(wa, V)).unsqueeze(0), value=-1.0)
+    return V.addcmul_(wa, (rw * rw * column_dots(wa, V, wa.dtype)).unsqueeze(0), value=-1.0)
 
 
 def _bounded(x_normalized: bool, gamma: float, dtype: torch.dtype) -> bool:
