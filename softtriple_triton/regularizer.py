@@ -60,8 +60,12 @@ class _CenterRegularizer(torch.autograd.Function):
         B = torch.zeros((C, K, K), dtype=wn.dtype, device=wn.device)
         B[:, iu0, iu1] = dist.reciprocal() * (-scale * g.to(wn.dtype))
         B = B + B.transpose(1, 2)
-        dwn = torch.empty_like(wn)
-        torch.bmm(wn.view(d, C, K).permute(1, 0, 2), B, out=dwn.view(d, C, K).permute(1, 0, 2))
+        blocks = wn.view(d, C, K).permute(1, 0, 2)
+        if torch.compiler.is_compiling():  # dynamo does not trace a non-contiguous out=
+            dwn = torch.bmm(blocks, B).permute(1, 0, 2).reshape(d, M)
+        else:  # written straight into the [d, C*K] layout
+            dwn = torch.empty_like(wn)
+            torch.bmm(blocks, B, out=dwn.view(d, C, K).permute(1, 0, 2))
         # through the column normalisation: dw = rw * (dwn - wn (wn . dwn))
         dwn.addcmul_(wn, column_dots(wn, dwn, wn.dtype).unsqueeze(0), value=-1.0).mul_(rw)
         return dwn.to(fc_dtype), None
