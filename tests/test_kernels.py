@@ -154,3 +154,32 @@ def test_set_autotune_round_trip():
     finally:
         config.set_autotune(old)
     assert config._autotune["enabled"] == old
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with > 24 GB")
+def test_offsets_past_two_to_the_31_on_cuda():
+    """C*K*d > 2**31: w offsets (d index * row stride + column) and the dw partial buffer need int64."""
+    torch.manual_seed(0)
+    N, d, K = 64, 64, 2
+    C = (2 ** 31) // (d * K) + 1000                # C*K*d = 2**31 + 128000
+    x = torch.nn.functional.normalize(torch.randn(N, d, device="cuda"), dim=1).half()
+    w = torch.randn(d, C * K, device="cuda", dtype=torch.float16)
+    y = torch.randint(C - 500, C, (N,), device="cuda")  # labels among the last classes: past the 2**31 mark
+    rw = (1.0 / w.float().norm(dim=0))
+    g = torch.rand(N, device="cuda")
+    rows, lse = softtriple_forward(x, w, rw, y, K, **HP)
+    dw, drw = softtriple_backward_w(x, w, rw, y, g, lse, None, K, **HP)
+    # oracle on the columns of the labelled classes only, with the full-row lse (exact up to fp32 rounding)
+    tail = slice((C - 500) * K, C * K)
+    s = (x.float() @ w[:, tail].float()) * rw[tail]
+    s3 = s.view(N, 500, K)
+    p = torch.softmax(s3 / HP["gamma"], dim=2)
+    S = (p * s3).sum(2)
+    z = HP["la"] * (S - HP["margin"] * F.one_hot(y - (C - 500), 500).float())
+    zt = z.gather(1, (y - (C - 500))[:, None])[:, 0]
+    assert torch.allclose(rows, lse - zt, rtol=1e-4, atol=1e-3)
+    gS = (g * HP["la"])[:, None] * (torch.exp(z - lse[:, None]) - F.one_hot(y - (C - 500), 500).float())
+    ds = (gS[:, :, None] * p * (1 + (s3 - S[:, :, None]) / HP["gamma"])).reshape(N, -1) * rw[tail]
+    want_dw = x.float().t() @ ds
+    assert torch.allclose(dw[:, tail], want_dw, rtol=2e-2, atol=1e-4)
