@@ -21,7 +21,14 @@ import importlib.util
 import torch
 from torch import Tensor
 
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+def _triton_available() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+TRITON_AVAILABLE = _triton_available()
 _DEVICES = ("cuda", "cpu")
 
 

@@ -271,3 +271,24 @@ def test_interpreter_is_on_without_a_gpu():
         assert os.environ.get("TRITON_INTERPRET") == "1"
         from softtriple_triton.kernels.config import interpreting
         assert interpreting()
+
+
+def test_package_works_without_triton():
+    """CPU users need only torch: with triton unimportable, the torch backend runs and backend='triton' says why."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, softtriple_triton as st\n"
+        "x = torch.randn(6, 8); y = torch.randint(0, 3, (6,)); m = st.SoftTripleLoss(3, 8, 2)\n"
+        "m(x, y).backward(); assert m.fc.grad is not None\n"
+        "try:\n"
+        "    st.softtriple_loss(x, m.fc, y, 2, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e); print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
