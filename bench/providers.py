@@ -98,9 +98,14 @@ def plain_softtriple(x, fc, labels, rows, cols, C: int, K: int, tau: float, la: 
 _compiled = {}
 
 
-def compiled_plain():
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(plain_softtriple)
+def compiled_plain(case: Case):
+    """A fresh torch.compile of the plain formula for each case, specialised to its shapes (what a user with
+    fixed shapes gets). Reusing one compiled function across cases would hit dynamo's recompile limit (8) and
+    silently fall back to eager for the later cases."""
+    if _compiled.get("case") != case.case_id:
+        torch._dynamo.reset()
+        _compiled["case"] = case.case_id
+        _compiled["fn"] = torch.compile(plain_softtriple, dynamic=False)
     return _compiled["fn"]
 
 
@@ -117,7 +122,7 @@ def build(provider: str, case: Case, x, fc, y, device: str):
         return (lambda: st.softtriple_loss(x, fc, y, K, la=LA, gamma=GAMMA, tau=tau, margin=MARGIN, backend=be)), [x, fc]
     if provider in ("eager", "compile"):
         rows, cols = same_class_pairs(C, K, x.device) if (tau > 0 and K > 1) else (None, None)
-        fn = plain_softtriple if provider == "eager" else compiled_plain()
+        fn = plain_softtriple if provider == "eager" else compiled_plain(case)
         return (lambda: fn(x, fc, y, rows, cols, C, K, tau)), [x, fc]
     if provider == "pml":
         from pytorch_metric_learning import losses, regularizers

@@ -39,36 +39,39 @@ class _CenterRegularizer(torch.autograd.Function):
         d, M = fc.shape
         C = M // K
         acc = torch.float64 if fc.dtype == torch.float64 else torch.float32
-        rw = column_dots(fc, fc, acc).sqrt_().clamp_min_(1e-12).reciprocal_()
-        wn = fc.to(acc) * rw  # [d, M], the layout of fc: no transposed copies of the centers
-        blocks = wn.view(d, C, K).permute(1, 0, 2)  # [C, d, K] strided views of the class blocks
-        gram = torch.bmm(blocks.transpose(1, 2), blocks)  # [C, K, K]
+        f = fc if fc.dtype == acc else fc.to(acc)  # low-precision centers: one fp32 copy
+        rw = column_dots(f, f, acc).sqrt_().clamp_min_(1e-12).reciprocal_()
+        blocks = f.view(d, C, K).permute(1, 0, 2)  # [C, d, K] strided views: no copy of the centers
+        rwb = rw.view(C, K)
+        gram = torch.bmm(blocks.transpose(1, 2), blocks).mul_(rwb.unsqueeze(2)).mul_(rwb.unsqueeze(1))  # [C, K, K]
         iu0, iu1 = torch.triu_indices(K, K, offset=1, device=fc.device)
         dist = torch.sqrt(2.0 + REG_EPS - 2.0 * gram[:, iu0, iu1])  # [C, K(K-1)/2]
         scale = 1.0 / (C * K * (K - 1.0))
-        ctx.save_for_backward(wn, rw, dist)
+        ctx.save_for_backward(f, rw, dist)
         ctx.meta = (K, scale, fc.dtype)
         return dist.sum() * scale
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        wn, rw, dist = ctx.saved_tensors
+        f, rw, dist = ctx.saved_tensors
         K, scale, fc_dtype = ctx.meta
-        d, M = wn.shape
+        d, M = f.shape
         C = M // K
-        iu0, iu1 = torch.triu_indices(K, K, offset=1, device=wn.device)
-        B = torch.zeros((C, K, K), dtype=wn.dtype, device=wn.device)
-        B[:, iu0, iu1] = dist.reciprocal() * (-scale * g.to(wn.dtype))
-        B = B + B.transpose(1, 2)
-        blocks = wn.view(d, C, K).permute(1, 0, 2)
+        rwb = rw.view(C, K)
+        iu0, iu1 = torch.triu_indices(K, K, offset=1, device=f.device)
+        B = torch.zeros((C, K, K), dtype=f.dtype, device=f.device)
+        B[:, iu0, iu1] = dist.reciprocal() * (-scale * g.to(f.dtype))
+        # P = f_c diag(rw) (B + B^T) diag(rw) = rw_j * d reg / d wn_j, column by column
+        B = (B + B.transpose(1, 2)).mul_(rwb.unsqueeze(2)).mul_(rwb.unsqueeze(1))
+        blocks = f.view(d, C, K).permute(1, 0, 2)
         if torch.compiler.is_compiling():  # dynamo does not trace a non-contiguous out=
-            dwn = torch.bmm(blocks, B).permute(1, 0, 2).reshape(d, M)
+            P = torch.bmm(blocks, B).permute(1, 0, 2).reshape(d, M)
         else:  # written straight into the [d, C*K] layout
-            dwn = torch.empty_like(wn)
-            torch.bmm(blocks, B, out=dwn.view(d, C, K).permute(1, 0, 2))
-        # through the column normalisation: dw = rw * (dwn - wn (wn . dwn))
-        dwn.addcmul_(wn, column_dots(wn, dwn, wn.dtype).unsqueeze(0), value=-1.0).mul_(rw)
-        return dwn.to(fc_dtype), None
+            P = torch.empty_like(f)
+            torch.bmm(blocks, B, out=P.view(d, C, K).permute(1, 0, 2))
+        # through the column normalisation: dw_j = rw_j (dwn_j - wn_j (wn_j . dwn_j)) = P_j - rw_j^2 (f_j . P_j) f_j
+        P.addcmul_(f, (rw * rw * column_dots(f, P, f.dtype)).unsqueeze(0), value=-1.0)
+        return P.to(fc_dtype), None
 
 
 def center_regularizer(fc: Tensor, centers_per_class: int) -> Tensor:
