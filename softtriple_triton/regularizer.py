@@ -21,12 +21,14 @@ from torch import Tensor
 from .reference import REG_EPS
 
 
-def column_dots(a: Tensor, b: Tensor, dtype: torch.dtype, rows: int = 32) -> Tensor:
+def column_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """sum_d a[d, j] * b[d, j] for every column j, in ``dtype``, in blocks of rows.
 
     torch.linalg.vecdot(a, b, dim=0) materialises a * b: a fresh d x M temporary whose page faults cost more
-    than the arithmetic on CPU (~9 ms at [512, 10000], one thread); blocks of 32 rows stay small and are reused.
+    than the arithmetic on CPU (~9 ms at [512, 10000], one thread); blocks of about 2^20 elements stay small
+    and are reused by the allocator.
     """
+    rows = max(8, (1 << 20) // max(1, a.shape[1]))
     out = torch.zeros(a.shape[1], dtype=dtype, device=a.device)
     for r in range(0, a.shape[0], rows):
         out += torch.linalg.vecdot(a[r:r + rows].to(dtype), b[r:r + rows].to(dtype), dim=0)
