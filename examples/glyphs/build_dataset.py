@@ -355,7 +355,7 @@ def matplotlib_font_files() -> list[str]:
 
 def load_or_build(set_name: str, size: int = 32, num_classes: int = 1000, cache: str = CACHE,
                   verbose: bool = True) -> dict:
-    cfg = dict(set=set_name, size=size, num_classes=num_classes if set_name == "kanji" else None, v=3)
+    cfg = dict(set=set_name, size=size, num_classes=num_classes if set_name.startswith("kanji") else None, v=3)
     path = os.path.join(cache, f"{set_name}_{_config_hash(cfg)}.npz")
     if os.path.exists(path):
         with np.load(path) as z:
@@ -367,6 +367,12 @@ def load_or_build(set_name: str, size: int = 32, num_classes: int = 1000, cache:
         dirs = fetch_packages(read_pkg_list(os.path.join(HERE, "cjk_font_pkgs.txt")), cache)
         data = build(font_files(dirs), None, size, "center", set_name="kanji", num_classes=num_classes,
                      verbose=verbose)
+    elif set_name == "kanji_brush":
+        # the kanji set with a looser symbol/picture filter (consensus >= 0.2 instead of 0.45), which keeps
+        # the brush / cursive fonts (Kouzan gyosho and sousho, Aoyagi Soseki) the default filter drops
+        dirs = fetch_packages(read_pkg_list(os.path.join(HERE, "cjk_font_pkgs.txt")), cache)
+        data = build(font_files(dirs), None, size, "center", set_name=set_name, num_classes=num_classes,
+                     consensus_min=0.2, verbose=verbose)
     elif set_name == "mpl":
         data = build(matplotlib_font_files(), LATIN_CHARS, size, "baseline", set_name="mpl", verbose=verbose)
     else:
@@ -378,7 +384,7 @@ def load_or_build(set_name: str, size: int = 32, num_classes: int = 1000, cache:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=["latin", "kanji", "mpl"], default="kanji")
+    ap.add_argument("--set", choices=["latin", "kanji", "kanji_brush", "mpl"], default="kanji")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--num-classes", type=int, default=1000)
     a = ap.parse_args()

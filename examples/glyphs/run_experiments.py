@@ -108,7 +108,9 @@ def exp_a(data, P, base: Config):
         for s in P["seeds"]:
             cfg = dataclasses.replace(base, K=K, tau=tau, seed=s, steps=P["steps"], eval_every=P["eval_every"])
             r = run_cached(f"{PREFIX}a_K{K}_tau{tau}_s{s}_n{P['steps']}", cfg, data, save_model=(s == 0))
-            rows.append(dict(K=K, tau=tau, seed=s, steps=P["steps"], step_s=r["step_s"], **r["final"], run=r))
+            h = r["history"]
+            early = dict(early_step=h["eval_step"][0], early_MAP=h["eval_MAP@R"][0]) if h["eval_step"] else {}
+            rows.append(dict(K=K, tau=tau, seed=s, steps=P["steps"], step_s=r["step_s"], **r["final"], **early, run=r))
     return rows
 
 
@@ -223,6 +225,8 @@ def write_tables(base_m, rows_a, rows_b, c, C, P, meta, rows_bc=()):
         for m in METRICS:
             row[m + "_mean"], row[m + "_std"] = mean_std(g[m])
         row["step_s_mean"] = float(g["step_s"].mean())
+        if "early_MAP" in g:
+            row["early_MAP_mean"], row["early_MAP_std"] = mean_std(g["early_MAP"])
         agg.append(row)
     dag = pd.DataFrame(agg)
     dag.to_csv(os.path.join(RES, "a_summary.csv"), index=False)
@@ -244,23 +248,29 @@ def write_tables(base_m, rows_a, rows_b, c, C, P, meta, rows_bc=()):
          "|---|" + "---|" * len(METRICS)]
     for k, v in base_m.items():
         L.append(f"| {k} | " + " | ".join(f"{v[m]:.3f}" for m in METRICS) + " |")
+    early_step = int(da["early_step"].iloc[0]) if "early_step" in da else None
     L += ["", "## (a) K centers per class vs K = 1", "",
-          "| config | " + " | ".join(METRICS) + " | step s |", "|---|" + "---|" * (len(METRICS) + 1)]
+          "Final metrics on all 500 test classes" + (f"; last column: MAP@R after {early_step} of {P['steps']} steps "
+          "on a fixed 200-class subset of the test classes (how fast it learns)" if early_step else "") + ".", "",
+          "| config | " + " | ".join(METRICS) + " | step s |" + (f" MAP@R @ step {early_step} (subset) |" if early_step else ""),
+          "|---|" + "---|" * (len(METRICS) + 1 + bool(early_step))]
     for r in agg:
-        L.append(f"| {r['config']} | " + " | ".join(fmt(r[m + '_mean'], r[m + '_std']) for m in METRICS)
-                 + f" | {r['step_s_mean']:.3f} |")
+        L.append(f"| {r['config']} | " + " | ".join(fmt(r[m + '_mean'], r[m + '_std'], 4) for m in METRICS)
+                 + f" | {r['step_s_mean']:.3f} |" + (f" {fmt(r['early_MAP_mean'], r['early_MAP_std'])} |" if early_step else ""))
     k1 = next((r for r in agg if r["K"] == 1), None)
     if k1 is not None:
         L += ["", "Difference to K=1 (mean over seeds of the paired per-seed difference, ± std):", "",
-              "| config | ΔR@1 | ΔMAP@R | ΔNMI |", "|---|---|---|---|"]
+              "| config | ΔR@1 | ΔMAP@R | ΔNMI |" + (f" ΔMAP@R @ step {early_step} (subset) |" if early_step else ""),
+              "|---|---|---|---|" + ("---|" if early_step else "")]
         for r in agg:
             if r["K"] == 1:
                 continue
             g = da[(da.K == r["K"]) & (da.tau == r["tau"])].set_index("seed")
             g1 = da[da.K == 1].set_index("seed")
             s = sorted(set(g.index) & set(g1.index))
+            ms = ("R@1", "MAP@R", "NMI") + (("early_MAP",) if early_step else ())
             L.append(f"| {r['config']} | " + " | ".join(
-                fmt(*mean_std(g.loc[s, m].values - g1.loc[s, m].values)) for m in ("R@1", "MAP@R", "NMI")) + " |")
+                fmt(*mean_std(g.loc[s, m].values - g1.loc[s, m].values), 4) for m in ms) + " |")
     L += ["", "## (b) our SoftTripleLoss vs pytorch-metric-learning SoftTripleLoss", "",
           "Identical network init, centers, batches and augmentation; K=10. `kanji`: tau=0 (PML's loss alone). "
           "`kanji-200`: 200 classes (100 train), tau=0.2, PML with SparseCentersRegularizer(weight tau).", "",
@@ -306,7 +316,7 @@ def plot_curves(rows_a, rows_b, P, preset):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.5))
     cfgs = sorted({(r["K"], r["tau"]) for r in rows_a}, key=lambda t: (t[0], -t[1]))
     cmap = plt.get_cmap("viridis")
     for i, (K, tau) in enumerate(cfgs):
@@ -334,6 +344,22 @@ def plot_curves(rows_a, rows_b, P, preset):
     ax[2].set(xlabel="step", ylabel="training loss", title="(b) ours vs PML, same init and batches (seed 0)",
               yscale="log")
     ax[2].legend(fontsize=8)
+    for r in rows_b:
+        if r["seed"] != rows_b[0]["seed"]:
+            continue
+        lo = np.array(r["pair"]["ours"]["history"]["loss"])
+        lp = np.array(r["pair"]["pml"]["history"]["loss"])
+        ln, = ax[3].plot(r["pair"]["ours"]["history"]["step"], np.abs(lo - lp) + 1e-9, "-", lw=1,
+                         label=f"{r['data']} tau={r['tau']}: |ours - PML|")
+        pert = os.path.join(RES, "runs", f"b_{r['data']}_ours-perturbed_tau{r['tau']}_s{r['seed']}_n{r['steps']}.json")
+        if os.path.exists(pert):
+            with open(pert) as f:
+                lq = np.array(json.load(f)["history"]["loss"])
+            ax[3].plot(r["pair"]["ours"]["history"]["step"], np.abs(lo - lq) + 1e-9, ":", lw=1.2,
+                       color=ln.get_color(), label=f"{r['data']} tau={r['tau']}: |ours - ours(1-ulp start)|")
+    ax[3].set(xlabel="step", ylabel="|loss difference| (+1e-9)", yscale="log",
+              title="(b) divergence: other implementation vs 1-ulp start")
+    ax[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(RES, f"training_curves_{preset}.png"), dpi=80)
     plt.close(fig)
@@ -356,7 +382,7 @@ def plot_retrieval(data, name, base: Config, preset, n_queries=10, seed=0):
     nn_r = metrics._neighbours(raw - raw.mean(0), 8)
     rng = np.random.default_rng(seed)
     q = rng.choice(len(yte), n_queries, replace=False)
-    fig, axes = plt.subplots(n_queries, 19, figsize=(19 * 0.6, n_queries * 0.68))
+    fig, axes = plt.subplots(n_queries, 18, figsize=(18 * 0.6, n_queries * 0.68 + 0.3))
     for row, qi in enumerate(q):
         cells = [("q", qi)] + [("t", j) for j in nn_t[qi].tolist()] + [("gap", None)] + [("r", j) for j in nn_r[qi].tolist()]
         for col, (kind, j) in enumerate(cells):
@@ -372,8 +398,8 @@ def plot_retrieval(data, name, base: Config, preset, n_queries=10, seed=0):
                 s.set_edgecolor(color)
                 s.set_linewidth(2.5 if color != "green" else 1.0)
     axes[0, 0].set_title("query", fontsize=8)
-    axes[0, 4].set_title(f"top-8, trained ({name})", fontsize=8)
-    axes[0, 14].set_title("top-8, raw pixels", fontsize=8)
+    axes[0, 5].set_title(f"top-8, trained ({name})", fontsize=8, loc="left")
+    axes[0, 10].set_title("top-8, raw pixels", fontsize=8, loc="left")
     fig.suptitle("Retrieval on unseen kanji classes: red frame = wrong class", fontsize=9)
     fig.tight_layout(pad=0.2)
     fig.savefig(os.path.join(RES, f"retrieval_examples_{preset}.png"), dpi=70)
@@ -386,8 +412,8 @@ def main():
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--only", default="base,a,b,bc,c", help="comma list of base,a,b,bc,c (bc: controls of b)")
     ap.add_argument("--a-configs", default=None, help="override (a), e.g. 1:0.2,10:0.2 (K:tau, comma list)")
-    ap.add_argument("--set", choices=["kanji", "latin", "mpl"], default="kanji",
-                    help="latin / mpl: only the baselines and (a) (62 classes: 31 train / 31 test)")
+    ap.add_argument("--set", choices=["kanji", "kanji_brush", "latin", "mpl"], default="kanji",
+                    help="kanji_brush / latin / mpl: only the baselines and (a)")
     ap.add_argument("--out", default=RES, help="results folder (default: results/)")
     a = ap.parse_args()
     RES = a.out
@@ -427,16 +453,18 @@ def main_latin(a, P):
     import pandas as pd
     PREFIX = f"{a.set}_"
     base = Config(set=a.set, width=16, batch=256)
-    data = build_dataset.load_or_build(a.set, base.size)
+    data = build_dataset.load_or_build(a.set, base.size, base.num_classes)
     base_m = exp_baselines(data, base.size)
-    rows_a = exp_a(data, P, base)
+    rows_a = exp_a(data, P, base) if "a" in a.only.split(",") else []
     _, (_, yte), ctr, cte = train.split(data)
-    da = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in rows_a])
+    da = pd.DataFrame([{k: v for k, v in r.items() if k != "run"} for r in rows_a],
+                      columns=["K", "tau", "seed", "early_step", "early_MAP"] + METRICS)
     os.makedirs(RES, exist_ok=True)
-    da.to_csv(os.path.join(RES, f"{PREFIX}a_runs.csv"), index=False)
+    if rows_a:
+        da.to_csv(os.path.join(RES, f"{PREFIX}a_runs.csv"), index=False)
     L = [f"# {a.set} set (preset `{a.preset}`)", "",
-         f"{len(data['fonts'])} fonts, {len(data['chars'])} classes [0-9A-Za-z]: {ctr} train ({''.join(data['chars'][:ctr])}) / "
-         f"{cte} test ({''.join(data['chars'][ctr:])}), {len(yte)} test images. Training: {P['steps']} steps x batch "
+         f"{len(data['fonts'])} fonts, {len(data['chars'])} classes: {ctr} train ({''.join(data['chars'][:ctr])[:40]}...) / "
+         f"{cte} test ({''.join(data['chars'][ctr:])[:40]}...), {len(yte)} test images. Training: {P['steps']} steps x batch "
          f"{base.batch}. Mean ± sample std over seeds {P['seeds']}.", "",
          "| method | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for k, v in base_m.items():
@@ -447,8 +475,23 @@ def main_latin(a, P):
         for m in METRICS:
             row[m + "_mean"], row[m + "_std"] = mean_std(g[m])
         agg.append(row)
-        L.append(f"| SoftTriple {row['config']} | " + " | ".join(fmt(row[m + '_mean'], row[m + '_std']) for m in METRICS) + " |")
-    pd.DataFrame(agg).to_csv(os.path.join(RES, f"{PREFIX}a_summary.csv"), index=False)
+        L.append(f"| SoftTriple {row['config']} | " + " | ".join(fmt(row[m + '_mean'], row[m + '_std'], 4) for m in METRICS) + " |")
+    if rows_a and (da.K == 1).any():
+        es = rows_a[0].get("early_step")
+        L += ["", "Paired per-seed difference to K=1 (mean ± std):", "",
+              "| config | ΔR@1 | ΔMAP@R | ΔNMI |" + (f" ΔMAP@R @ step {es} (200 test classes) |" if es else ""),
+              "|---|---|---|---|" + ("---|" if es else "")]
+        ms = ("R@1", "MAP@R", "NMI") + (("early_MAP",) if es else ())
+        g1 = da[da.K == 1].set_index("seed")
+        for row in agg:
+            if row["K"] == 1:
+                continue
+            g = da[(da.K == row["K"]) & (da.tau == row["tau"])].set_index("seed")
+            s_ = sorted(set(g.index) & set(g1.index))
+            L.append(f"| {row['config']} | " + " | ".join(
+                fmt(*mean_std(g.loc[s_, m].values - g1.loc[s_, m].values), 4) for m in ms) + " |")
+    if agg:
+        pd.DataFrame(agg).to_csv(os.path.join(RES, f"{PREFIX}a_summary.csv"), index=False)
     with open(os.path.join(RES, f"results_{a.set}_{a.preset}.md"), "w") as f:
         f.write("\n".join(L) + "\n")
     log("\n".join(L))
