@@ -45,10 +45,11 @@ def reference_regularizer(fc: torch.Tensor, centers_per_class: int) -> torch.Ten
         return fc.new_zeros(())
     w = F.normalize(fc, p=2, dim=0)
     gram = w.t().matmul(w)
+    # the official code's boolean mask of same-class pairs (c*K + k, c*K + k'), k < k', built vectorised
     mask = torch.zeros(M, M, dtype=torch.bool, device=fc.device)
-    for c in range(C):
-        for k in range(K):
-            mask[c * K + k, c * K + k + 1:(c + 1) * K] = True
+    i, j = torch.triu_indices(K, K, offset=1, device=fc.device)
+    base = (torch.arange(C, device=fc.device) * K)[:, None]
+    mask[(base + i).reshape(-1), (base + j).reshape(-1)] = True
     return torch.sqrt(2.0 + REG_EPS - 2.0 * gram[mask]).sum() / (C * K * (K - 1.0))
 
 
