@@ -9,7 +9,6 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -d "$ROOT/.venv" ] || python3 -m venv "$ROOT/.venv"
   . "$ROOT/.venv/bin/activate"
 fi
-python -c "import torch" 2>/dev/null || pip install torch
 python -c "import softtriple_triton" 2>/dev/null || pip install -e "$ROOT"
 pip install -q -r "$HERE/requirements.txt"
 # apt-get download needs current package lists (root needed only for this update)

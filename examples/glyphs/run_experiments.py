@@ -414,11 +414,14 @@ def main():
     ap.add_argument("--a-configs", default=None, help="override (a), e.g. 1:0.2,10:0.2 (K:tau, comma list)")
     ap.add_argument("--set", choices=["kanji", "kanji_brush", "latin", "mpl"], default="kanji",
                     help="kanji_brush / latin / mpl: only the baselines and (a)")
+    ap.add_argument("--seeds", default=None, help="override the seeds of (a), e.g. 0,1,2")
     ap.add_argument("--out", default=RES, help="results folder (default: results/)")
     a = ap.parse_args()
     RES = a.out
     MODELS = os.path.join(HERE, "cache", "models", os.path.basename(os.path.normpath(RES)))
     P = dict(PRESETS[a.preset])
+    if a.seeds:
+        P["seeds"] = [int(x) for x in a.seeds.split(",")]
     if a.a_configs:
         P["a_configs"] = [(int(k), float(t)) for k, t in (c.split(":") for c in a.a_configs.split(","))]
     torch.set_num_threads(1)
