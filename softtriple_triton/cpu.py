@@ -14,6 +14,8 @@ normalised copy of the centers is made. Embedding normalisation (N x d, cheap) i
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,8 @@ def set_memory_budget(chunk_bytes: int | None = None, cache_bytes: int | None = 
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         _config["cache_bytes"] = int(cache_bytes)
     if chunk_bytes is not None or cache_bytes is not None:
-        _pool.clear()
+        with _pool_lock:
+            _pool.clear()
     return old
 
 
@@ -50,13 +53,15 @@ def set_memory_budget(chunk_bytes: int | None = None, cache_bytes: int | None = 
 # Bounded by 2 * chunk_bytes; CUDA tensors never enter it (the caching allocator already does this), nor do
 # torch.compile'd graphs (inductor plans its own buffers).
 _pool: list = []
+_pool_lock = threading.Lock()
 
 
 def _take(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     if device.type == "cpu" and not torch.compiler.is_compiling():
-        for i, buf in enumerate(_pool):
-            if buf.numel() == numel and buf.dtype == dtype:
-                return _pool.pop(i)
+        with _pool_lock:
+            for i, buf in enumerate(_pool):
+                if buf.numel() == numel and buf.dtype == dtype:
+                    return _pool.pop(i)
     return torch.empty(numel, dtype=dtype, device=device)
 
 
@@ -64,9 +69,10 @@ def _give(buf: Tensor) -> None:
     """Return a flat buffer from _take once nothing reads it any more (CPU ops are synchronous)."""
     if buf.device.type != "cpu" or torch.compiler.is_compiling():  # traced graphs get no side effects
         return
-    held = sum(b.numel() * b.element_size() for b in _pool)
-    if held + buf.numel() * buf.element_size() <= 2 * _config["chunk_bytes"]:
-        _pool.append(buf)
+    with _pool_lock:
+        held = sum(b.numel() * b.element_size() for b in _pool)
+        if held + buf.numel() * buf.element_size() <= 2 * _config["chunk_bytes"]:
+            _pool.append(buf)
 
 
 def _inverse_norms(w: Tensor) -> Tensor:
