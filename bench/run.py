@@ -306,7 +306,10 @@ def main(argv=None) -> str:
     args = parse(argv)
     torch.set_num_threads(args.threads or n_cores())
     env = environment(args.device)
-    out = args.out or os.path.join(HERE, "results", env["device_tag"])
+    # the default grid owns results/<device-tag> (the committed results); other sizes get their own folder so a
+    # --smoke or --quick run never overwrites them
+    tag = env["device_tag"] + ("" if args.size == "default" else f"-{args.size}")
+    out = args.out or os.path.join(HERE, "results", tag)
     os.makedirs(out, exist_ok=True)
     policy = POLICIES[args.size]
     cases = grid(args.size, args.device.startswith("cuda"))
