@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import TRITON_MAX_CENTERS_PER_CLASS as MAX_CENTERS_PER_CLASS
+from .._common import acc_dtype, interpreting  # noqa: F401  (re-exported to the kernel files)
+
 _TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -18,17 +21,6 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
-MAX_CENTERS_PER_CLASS = 1024
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Accumulation / softmax dtype: fp64 when any operand is fp64, else fp32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:

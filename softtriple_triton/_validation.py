@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 from torch import Tensor
 
+from ._common import TRITON_MAX_CENTERS_PER_CLASS, interpreting
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_MAX_CENTERS_PER_CLASS = 1024
 
 
 def _is_real(v) -> bool:
@@ -103,7 +103,7 @@ def resolve_backend(backend: str, device: torch.device, centers_per_class: int) 
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the 'triton' package; install it or use backend='torch'")
         if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            if not interpreting():
                 raise RuntimeError("backend='triton' got CPU tensors: the Triton kernels run on CUDA tensors, or on "
                                    "CPU only through Triton's (slow, testing-only) interpreter with "
                                    "TRITON_INTERPRET=1 set before triton is imported. Use backend='torch' on CPU.")

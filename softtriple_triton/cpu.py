@@ -19,6 +19,7 @@ import threading
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype
 from .regularizer import column_dots
 
 DEFAULT_CHUNK_BYTES = 64 << 20   # largest N x chunk temporary
@@ -149,7 +150,7 @@ def _bounded(x_normalized: bool, gamma: float, dtype: torch.dtype) -> bool:
 
 
 def _setup(x: Tensor, w: Tensor, gamma: float, x_normalized: bool):
-    acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    acc = acc_dtype(x.dtype, w.dtype)
     xa, wa = x.to(acc), w.to(acc)
     rw = _inverse_norms(wa)
     return xa, wa, rw, rw / gamma, _bounded(x_normalized, gamma, acc)

@@ -7,14 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from ._common import acc_dtype
 from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
 from .cpu import torch_logits, torch_loss_rows
 from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import center_regularizer
-
-
-def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _normalized_rows(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
@@ -61,7 +58,7 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     labels = check_labels(labels, embeddings.shape[0], C, embeddings.device)
     be = resolve_backend(backend, embeddings.device, K)
     la, gamma, tau, margin = float(la), float(gamma), float(tau), float(margin)
-    acc = _acc_dtype(embeddings, fc)
+    acc = acc_dtype(embeddings.dtype, fc.dtype)
 
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if be == "reference":
@@ -91,7 +88,7 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     check_embeddings_and_centers(embeddings, fc, centers_per_class)
     K = int(centers_per_class)
     be = resolve_backend(backend, embeddings.device, K)
-    acc = _acc_dtype(embeddings, fc)
+    acc = acc_dtype(embeddings.dtype, fc.dtype)
     gamma = float(gamma)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if be == "reference":

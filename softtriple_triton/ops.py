@@ -21,6 +21,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype
+
 def _triton_available() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
@@ -30,10 +32,6 @@ def _triton_available() -> bool:
 
 TRITON_AVAILABLE = _triton_available()
 _DEVICES = ("cuda", "cpu")
-
-
-def _acc(x: Tensor, w: Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
 def _require_triton():
@@ -53,7 +51,7 @@ def loss_op(x: Tensor, w: Tensor, rw: Tensor, labels: Tensor, K: int, la: float,
 @loss_op.register_fake
 def _(x, w, rw, labels, K, la, gamma, margin):
     n = x.shape[0]
-    return x.new_empty((n,), dtype=_acc(x, w)), x.new_empty((n,), dtype=_acc(x, w))
+    return x.new_empty((n,), dtype=acc_dtype(x.dtype, w.dtype)), x.new_empty((n,), dtype=acc_dtype(x.dtype, w.dtype))
 
 
 @torch.library.custom_op("softtriple_triton::loss_backward", mutates_args=(), device_types=_DEVICES)
@@ -100,7 +98,7 @@ def logits_op(x: Tensor, w: Tensor, rw: Tensor, K: int, gamma: float) -> Tensor:
 
 @logits_op.register_fake
 def _(x, w, rw, K, gamma):
-    return x.new_empty((x.shape[0], w.shape[1] // K), dtype=_acc(x, w))
+    return x.new_empty((x.shape[0], w.shape[1] // K), dtype=acc_dtype(x.dtype, w.dtype))
 
 
 @torch.library.custom_op("softtriple_triton::logits_backward", mutates_args=(), device_types=_DEVICES)

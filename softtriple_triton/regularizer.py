@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype
 from .reference import REG_EPS
 
 
@@ -40,7 +41,7 @@ class _CenterRegularizer(torch.autograd.Function):
     def forward(ctx, fc: Tensor, K: int) -> Tensor:
         d, M = fc.shape
         C = M // K
-        acc = torch.float64 if fc.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(fc.dtype)
         f = fc if fc.dtype == acc else fc.to(acc)  # low-precision centers: one fp32 copy
         rw = column_dots(f, f, acc).sqrt_().clamp_min_(1e-12).reciprocal_()
         blocks = f.view(d, C, K).permute(1, 0, 2)  # [C, d, K] strided views: no copy of the centers
@@ -84,5 +85,5 @@ def center_regularizer(fc: Tensor, centers_per_class: int) -> Tensor:
     K = int(centers_per_class)
     d, M = fc.shape
     if K <= 1 or M // K == 0:
-        return fc.new_zeros((), dtype=torch.float64 if fc.dtype == torch.float64 else torch.float32)
+        return fc.new_zeros((), dtype=acc_dtype(fc.dtype))
     return _CenterRegularizer.apply(fc, K)

@@ -1,0 +1,20 @@
+"""Rules shared by every layer (and importable without triton)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Largest K the Triton kernels take (lanes per class are K rounded up to a power of two, one tile at least).
+TRITON_MAX_CENTERS_PER_CLASS = 1024
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation / softmax dtype: fp64 when any operand is fp64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
