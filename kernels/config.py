@@ -1,11 +1,17 @@
-"""Host-side helpers shared by the kernel launchers: dtype rules, tile configuration, argument checks."""
+"""Host-side rules shared by the kernel launchers: lane groups, tiles, launch plans, dtype rules, operand checks.
+
+Lane groups. A tile holds BLOCK_C whole classes. The K centers of a class are split into at most two groups of
+power-of-two width, KA = the largest power of two <= K and KB = next_pow2(K - KA) (0 when K is a power of two):
+K=10 -> 8 + 2, K=3 -> 2 + 1, K=7 -> 4 + 4 (one masked lane). Each group is its own tl.dot, so no matrix-unit
+work is spent on padding lanes (one group of next_pow2(K) lanes would waste 37.5% of it at K=10).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -13,6 +19,7 @@ import triton.language as tl
 
 from .._common import TRITON_MAX_CENTERS_PER_CLASS as MAX_CENTERS_PER_CLASS
 from .._common import acc_dtype, interpreting  # noqa: F401  (re-exported to the kernel files)
+from .target import Target, launch, simulated, target_of  # noqa: F401
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -22,66 +29,128 @@ _TL_DTYPES = {
 }
 
 
+def tl_dtype(dt: torch.dtype):
+    return _TL_DTYPES[dt]
 
-def dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    """Operand dtype of tl.dot: the promotion of both inputs.
 
-    bf16 dots are upcast to fp32 under the interpreter, which multiplies raw bf16 bit patterns
-    (triton issue 11584); on a GPU bf16 stays bf16.
-    """
-    dt = torch.promote_types(x_dtype, w_dtype)
+# ----------------------------------------------------------------------------------------------- lane groups
+def lane_groups(K: int) -> tuple[int, int]:
+    """(KA, KB): the widths of the two lane groups of a class (KB = 0: one group)."""
+    ka = 1 << (int(K).bit_length() - 1)
+    rest = K - ka
+    return ka, (triton.next_power_of_2(rest) if rest else 0)
+
+
+def lane_efficiency(K: int) -> float:
+    """Useful lanes / computed lanes of the dots (1.0 unless K - KA is not a power of two)."""
+    ka, kb = lane_groups(K)
+    return K / (ka + kb)
+
+
+# ------------------------------------------------------------------------------------------------ dtype rules
+def dot_dtype(dt: torch.dtype) -> torch.dtype:
+    """Operand dtype of the similarity dots for operands stored in ``dt`` (embeddings and prepared centers share
+    it). bf16 is upcast to fp32 under the interpreter, which multiplies raw bf16 bit patterns (triton issue
+    11584): the products of bf16 values are exact in fp32, so the emulation computes what the tensor core does."""
     if dt == torch.bfloat16 and interpreting():
         return torch.float32
     return dt
 
 
-def grad_dot_dtype(dt: torch.dtype) -> torch.dtype:
-    """Operand dtype of the gradient dots (ds @ w^T, x^T @ ds). dL/ds can exceed fp16's range at extreme
-    la / gamma (|ds| <= g * la * (1 + 2 / gamma)), so fp16 inputs take fp32 gradient dots; bf16 has fp32's range."""
-    return torch.float32 if dt == torch.float16 else dt
-
-
 def dot_precision(dt: torch.dtype) -> str:
-    """fp32 dots follow torch.get_float32_matmul_precision(): "highest" -> IEEE fp32, else TF32."""
+    """fp32 dots follow torch.get_float32_matmul_precision() as torch.mm does on CUDA: "highest" -> IEEE fp32,
+    "high" / "medium" -> TF32. Other dtypes: "ieee" (ignored for 16-bit operands, exact for fp64)."""
     if dt == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
 
+def dtype_class(dt: torch.dtype, precision: str) -> str:
+    """Key of the tile tables: "mma16" (bf16/fp16), "tf32", "fp32" (IEEE, FMA units) or "fp64"."""
+    if dt in (torch.float16, torch.bfloat16):
+        return "mma16"
+    if dt == torch.float32:
+        return "tf32" if precision == "tf32" else "fp32"
+    return "fp64"
+
+
+# ------------------------------------------------------------------------------------------------------ tiles
 @dataclass(frozen=True)
 class TileConfig:
-    block_n: int  # rows of embeddings per tile
-    block_c: int  # whole classes per tile
-    kp: int       # K padded to a power of two (lanes per class)
-    block_d: int  # embedding-dimension chunk of each tl.dot
+    block_n: int   # rows of embeddings per tile
+    block_c: int   # whole classes per tile
+    block_d: int   # embedding-dimension chunk of each tl.dot
+    ka: int        # lanes per class, group A
+    kb: int        # lanes per class, group B (0: none)
     num_warps: int = 4
     num_stages: int = 2
 
     @property
-    def block_m(self) -> int:
-        return self.block_c * self.kp
+    def lanes(self) -> int:
+        return self.block_c * (self.ka + self.kb)
 
 
-def tile_config(N: int, d: int, C: int, K: int, device: torch.device, block_m: int | None = None) -> TileConfig:
-    """Fixed default tiles (no autotuning on the default path).
-
-    Interpreter: large tiles, since each Triton op is one numpy call. GPU: 64 x 128 tiles.
-    tl.dot needs every dimension >= 16.
-    """
-    kp = triton.next_power_of_2(K)
-    target_m = block_m or (128 if (device.type == "cuda" or interpreting()) else 64)
-    block_c = min(max(1, target_m // kp), triton.next_power_of_2(C))
-    while block_c * kp < 16:  # tl.dot needs >= 16 columns
-        block_c *= 2
-    block_n = 64 if device.type == "cuda" else max(16, min(64, triton.next_power_of_2(N)))
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
-    return TileConfig(block_n=block_n, block_c=block_c, kp=kp, block_d=block_d,
-                      num_warps=8 if block_c * kp >= 128 else 4)
+@dataclass(frozen=True)
+class TileRule:
+    """Default tile of one (kernel, target, dtype class): rows, target lanes per tile, d chunk, warps, stages."""
+    block_n: int
+    lanes: int
+    block_d: int
+    num_warps: int
+    num_stages: int
 
 
-# Candidate tiles for the opt-in autotuner: (block_n, target block_m, block_d, num_warps).
-CANDIDATE_TILES = ((64, 128, 64, 8), (64, 64, 64, 4), (128, 64, 32, 8), (32, 128, 64, 4), (128, 128, 32, 8),
-                   (64, 256, 32, 8))
+# Defaults chosen from the compiled-code sweep (bench/gpu_static.py --sweep; bench/results/gpu-static/sweep.csv):
+# tensor-core friendly tiles without register spills on sm_90 and sm_80. Keys: (kernel, arch family, dtype
+# class). "forward" also serves the logits; "grad" is the dL/ds chunk kernel; backward_x/backward_w the
+# two-kernel backward.
+_R = TileRule
+TILE_RULES: dict[tuple[str, str, str], TileRule] = {}
+for _kind in ("forward", "grad", "backward_x", "backward_w"):
+    for _arch in ("sm90", "sm80", "gfx9"):
+        TILE_RULES[(_kind, _arch, "mma16")] = _R(64, 128, 64, 4, 3)
+        TILE_RULES[(_kind, _arch, "tf32")] = _R(64, 128, 32, 4, 3)
+        TILE_RULES[(_kind, _arch, "fp32")] = _R(64, 64, 32, 4, 2)
+        TILE_RULES[(_kind, _arch, "fp64")] = _R(32, 32, 32, 4, 2)
+INTERPRETER_RULE = _R(64, 128, 64, 4, 1)  # large tiles: each interpreted Triton op is one numpy call
+
+
+def arch_family(target: Target) -> str:
+    if target.backend == "hip":
+        return "gfx9"
+    return "sm90" if (target.arch or 0) >= 90 else "sm80"
+
+
+def classes_per_tile(K: int, C: int, lanes: int) -> int:
+    """Largest power of two BLOCK_C with BLOCK_C * (KA + KB) <= 1.25 * lanes, within the tl.dot minimum of 16
+    columns per group, and no more than C needs."""
+    ka, kb = lane_groups(K)
+    bc = 1
+    while 2 * bc * (ka + kb) <= 1.25 * lanes:
+        bc *= 2
+    bc = min(bc, triton.next_power_of_2(max(C, 1)))
+    while bc * min(ka, kb or ka) < 16:
+        bc *= 2
+    return bc
+
+
+def tile_config(kind: str, N: int, d: int, C: int, K: int, dt: torch.dtype, target: Target,
+                lanes: int | None = None) -> TileConfig:
+    """The fixed default tile of a launch (no autotuning on the default path). ``lanes`` overrides the rule's."""
+    if target.backend == "interpreter":
+        rule = INTERPRETER_RULE
+        rule = replace(rule, block_n=max(16, min(rule.block_n, triton.next_power_of_2(max(N, 1)))))
+    else:
+        rule = TILE_RULES[(kind, arch_family(target), dtype_class(dt, dot_precision(dt)))]
+    ka, kb = lane_groups(K)
+    return TileConfig(block_n=rule.block_n, block_c=classes_per_tile(K, C, lanes or rule.lanes),
+                      block_d=max(16, min(rule.block_d, triton.next_power_of_2(max(d, 1)))), ka=ka, kb=kb,
+                      num_warps=rule.num_warps, num_stages=rule.num_stages)
+
+
+# Candidate tiles for the opt-in autotuner: (block_n, lanes, block_d, num_warps, num_stages).
+CANDIDATE_TILES = ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
+                   (64, 256, 32, 8, 3), (128, 256, 64, 8, 2))
 _autotune = {"enabled": os.environ.get("SOFTTRIPLE_TRITON_AUTOTUNE", "0") == "1"}
 _tuned: dict = {}
 
@@ -90,7 +159,7 @@ def set_autotune(enabled: bool) -> bool:
     """Opt in to (or out of) autotuning the tiles of the CUDA kernels; returns the previous setting.
 
     Off by default: the fixed tiles of ``tile_config`` are used. When on, the first call for a given
-    (kernel, N rounded up to a power of two, d, C, K, dtypes) times every candidate of CANDIDATE_TILES with
+    (kernel, N rounded up to a power of two, d, C, K, dtype) times every candidate of CANDIDATE_TILES with
     ``triton.testing.do_bench`` and keeps the fastest for the rest of the process. Also settable with the
     environment variable SOFTTRIPLE_TRITON_AUTOTUNE=1.
     """
@@ -104,34 +173,33 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=5, rep=25)
 
 
-def _autotune_applies(device: torch.device) -> bool:
-    return _autotune["enabled"] and device.type == "cuda" and not interpreting()
+def _autotune_applies(target: Target) -> bool:
+    return _autotune["enabled"] and target.backend in ("cuda", "hip") and simulated() is None
 
 
-def choose_tiles(kind: str, x: torch.Tensor, w: torch.Tensor, K: int, block_m: int | None, run) -> TileConfig:
+def choose_tiles(kind: str, x: torch.Tensor, M: int, K: int, lanes: int | None, run) -> TileConfig:
     """The tile configuration for one launch: fixed by default, the fastest candidate when autotuning.
 
     ``run(cfg)`` performs the launch with fresh outputs (the kernels never accumulate into caller memory).
     """
     N, d = x.shape
-    C = w.shape[1] // K
-    default = tile_config(N, d, C, K, x.device, block_m)
-    if block_m is not None or not _autotune_applies(x.device):
+    C = M // K
+    target = target_of(x.device)
+    default = tile_config(kind, N, d, C, K, x.dtype, target, lanes)
+    if lanes is not None or run is None or not _autotune_applies(target):
         return default
-    key = (kind, triton.next_power_of_2(max(N, 1)), d, C, K, x.dtype, w.dtype, str(x.device))
+    key = (kind, triton.next_power_of_2(max(N, 1)), d, C, K, x.dtype, dot_precision(x.dtype), str(x.device))
     if key not in _tuned:
-        kp = default.kp
         cands = {default}
-        for bn, bm, bd, warps in CANDIDATE_TILES:
-            bc = min(max(1, bm // kp), triton.next_power_of_2(C))
-            while bc * kp < 16:
-                bc *= 2
-            cands.add(TileConfig(block_n=bn, block_c=bc, kp=kp, block_d=max(16, min(bd, triton.next_power_of_2(d))),
-                                 num_warps=warps))
+        for bn, ln, bd, warps, stages in CANDIDATE_TILES:
+            cands.add(replace(default, block_n=bn, block_c=classes_per_tile(K, C, ln),
+                              block_d=max(16, min(bd, triton.next_power_of_2(d))), num_warps=warps,
+                              num_stages=stages))
         _tuned[key] = min(sorted(cands, key=repr), key=lambda cfg: _bench(lambda: run(cfg)))
     return _tuned[key]
 
 
+# ------------------------------------------------------------------------------------------------ launch plans
 @dataclass(frozen=True)
 class LaunchPlan:
     """Grid of one launch: row blocks x class tiles, and the split of the looped dimension."""
@@ -141,26 +209,46 @@ class LaunchPlan:
     per_split: int  # loop iterations (class tiles, or row blocks for the centers' backward) per split
 
 
-def plan_launch(N: int, C: int, cfg: TileConfig, device: torch.device, splits: int | None,
+def split_count(programs: int, work_items: int, target: Target, splits: int | None) -> int:
+    """How many independent splits of the loop dimension to launch so the GPU is full (about two programs per
+    SM). Each split writes its own partial result, reduced afterwards in a fixed order (deterministic)."""
+    if splits is not None:
+        return max(1, min(int(splits), work_items))
+    if target.backend == "interpreter":
+        return 1
+    want = math.ceil(2 * target.sms / max(programs, 1))
+    return max(1, min(want, work_items))
+
+
+def plan_launch(N: int, C: int, cfg: TileConfig, target: Target, splits: int | None,
                 loop_over_rows: bool) -> LaunchPlan:
     n_row_blocks = triton.cdiv(N, cfg.block_n)
     n_tiles = triton.cdiv(C, cfg.block_c)
     programs, loop = (n_tiles, n_row_blocks) if loop_over_rows else (n_row_blocks, n_tiles)
-    n_splits = split_count(programs, max(loop, 1), device, splits)
+    n_splits = split_count(programs, max(loop, 1), target, splits)
     per_split = max(1, triton.cdiv(loop, n_splits))
     n_splits = max(1, triton.cdiv(loop, per_split))  # every split gets at least one iteration
     return LaunchPlan(n_row_blocks, n_tiles, n_splits, per_split)
 
 
-def kernel_meta(cfg: TileConfig, x_dtype: torch.dtype, w_dtype: torch.dtype, grad: bool) -> dict:
-    """The constexpr and launch keyword arguments shared by all three kernels."""
-    dot = dot_dtype(x_dtype, w_dtype)
-    meta = dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, KP=cfg.kp, BLOCK_D=cfg.block_d,
-                DOT_DTYPE=tl_dtype(dot), ACC_DTYPE=tl_dtype(acc_dtype(x_dtype, w_dtype)),
-                PRECISION=dot_precision(dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def kernel_meta(cfg: TileConfig, dt: torch.dtype, K: int, grad: bool = False) -> dict:
+    """The constexpr and launch keyword arguments shared by the kernels that build similarity tiles.
+
+    dt: dtype of the embeddings and prepared centers. GRAD_DTYPE: operand dtype of in-kernel gradient dots (the
+    same as the similarity dots: fp16 gradients are pre-scaled into fp16's range, see ops layer)."""
+    dot = dot_dtype(dt)
+    meta = dict(K=K, KA=cfg.ka, KB=cfg.kb, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+                DOT_DTYPE=tl_dtype(dot), ACC_DTYPE=tl_dtype(acc_dtype(dt)), PRECISION=dot_precision(dot),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if grad:
-        meta["GRAD_DTYPE"] = tl_dtype(grad_dot_dtype(dot))
+        meta["GRAD_DTYPE"] = tl_dtype(dot)
+        meta["EMULATE_BF16"] = emulate_bf16(dt)
     return meta
+
+
+def emulate_bf16(dt: torch.dtype) -> bool:
+    """Under the interpreter, bf16 roundings are done by tiles.to_operand (the interpreter truncates)."""
+    return dt == torch.bfloat16 and interpreting()
 
 
 def upstream_args(labels, g, lse, dS, N: int, C: int, acc: torch.dtype, device: torch.device):
@@ -173,51 +261,37 @@ def upstream_args(labels, g, lse, dS, N: int, C: int, acc: torch.dtype, device: 
     return torch.empty((1,), dtype=torch.int64, device=device), dummy, dummy, dS, dS.stride(0), dS.stride(1), True
 
 
-def split_count(programs: int, work_items: int, device: torch.device, splits: int | None) -> int:
-    """How many independent splits of the loop dimension to launch so the GPU is full.
+# ------------------------------------------------------------------------------------------------------ checks
+def check_operands(x: torch.Tensor, wt: torch.Tensor, K: int) -> None:
+    """Shape/dtype/device checks shared by all launchers (the user-facing API validates earlier).
 
-    Each split writes its own partial result, reduced afterwards in a fixed order (deterministic).
-    """
-    if splits is not None:
-        return max(1, min(int(splits), work_items))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = math.ceil(2 * sms / max(programs, 1))
-    return max(1, min(want, work_items))
-
-
-def check_operands(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, K: int) -> None:
-    """Shape/dtype/device checks shared by all launchers (the user-facing API validates earlier)."""
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"expected x [N, d] and w [d, C*K]; got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    if x.shape[1] != w.shape[0]:
-        raise ValueError(f"x has width {x.shape[1]} but w has height {w.shape[0]}")
-    if K < 1 or K > MAX_CENTERS_PER_CLASS or w.shape[1] % K:
-        raise ValueError(f"K={K} must be in [1, {MAX_CENTERS_PER_CLASS}] and divide w.shape[1]={w.shape[1]}")
-    if rw.shape != (w.shape[1],):
-        raise ValueError(f"rw must have shape ({w.shape[1]},), got {tuple(rw.shape)}")
-    for name, t in (("x", x), ("w", w)):
+    x [N, d] embeddings, wt [M = C*K, d] column-normalised centers stored row-wise, both in the product dtype."""
+    if x.dim() != 2 or wt.dim() != 2:
+        raise ValueError(f"expected x [N, d] and wt [C*K, d]; got x {tuple(x.shape)} and wt {tuple(wt.shape)}")
+    if x.shape[1] != wt.shape[1]:
+        raise ValueError(f"x has width {x.shape[1]} but wt has width {wt.shape[1]}")
+    if K < 1 or K > MAX_CENTERS_PER_CLASS or wt.shape[0] % K:
+        raise ValueError(f"K={K} must be in [1, {MAX_CENTERS_PER_CLASS}] and divide wt.shape[0]={wt.shape[0]}")
+    for name, t in (("x", x), ("wt", wt)):
         if t.dtype not in _TL_DTYPES:
             raise TypeError(f"{name} must be fp16, bf16, fp32 or fp64; got {t.dtype}")
-    if rw.dtype != acc_dtype(x.dtype, w.dtype):
-        raise TypeError(f"rw must be {acc_dtype(x.dtype, w.dtype)}, got {rw.dtype}")
-    if not (x.device == w.device == rw.device):
-        raise ValueError(f"x, w, rw on different devices: {x.device}, {w.device}, {rw.device}")
+    if x.dtype != wt.dtype:
+        raise TypeError(f"x and wt must share the product dtype, got {x.dtype} and {wt.dtype}")
+    if x.device != wt.device:
+        raise ValueError(f"x and wt on different devices: {x.device}, {wt.device}")
     if x.device.type == "cpu" and not interpreting():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing triton); "
                            "use backend='torch' for the fast CPU path")
-
-
-def tl_dtype(dt: torch.dtype):
-    return _TL_DTYPES[dt]
 
 
 def hyper_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Scalar hyper-parameters as a small tensor so fp64 kernels see them unrounded (a Python float kernel
     argument is passed as fp32). Cached: creating a CUDA tensor from host values is a blocking copy, so only the
     first call with given values pays it, not every training step. The cached tensors are never written."""
-    return _hyper_tensor(tuple(float(v) for v in values), dtype, torch.device(device))
+    values = tuple(float(v) for v in values)
+    if simulated() is not None:  # fake tensors of a capture must not enter the cache
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _hyper_tensor(values, dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)

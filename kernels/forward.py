@@ -1,10 +1,10 @@
 """Forward kernel: per-row SoftTriple loss (online log-sum-exp over class tiles) or the N x C logits S.
 
-Grid: (row blocks, class splits). Each program walks its share of class tiles; for each tile it forms
-the similarities with tl.dot (fp32/fp64 accumulation), applies the inner softmax over the K centers in
-registers and folds the class logits into a running (max, sum-exp, target) triple. Nothing of size
-N x (C*K) is ever written. With several splits, each writes its partial triple and the launcher merges
-them in a fixed order (deterministic).
+Grid: (row blocks, class splits). Each program walks its share of class tiles; for each tile it forms the
+cosines with tl.dot (fp32 accumulation, fp64 for fp64), applies the inner softmax over the K centers in registers
+and folds the class logits into a running (max, sum-exp, target) triple. Nothing of size N x (C*K) is written.
+With several splits each writes its partial triple and the launcher merges them in a fixed order
+(deterministic). In logits mode each split writes its own columns of S.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, plan_launch
-from .tiles import class_logits, class_tile, load_hyper
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, plan_launch, \
+    target_of
+from .._common import LossParams
+from .tiles import class_logits, load_hyper, tile_similarity
 
 
 @triton.jit
 def softtriple_fwd_kernel(
-    x_ptr, w_ptr, rw_ptr, y_ptr, hp_ptr,
+    x_ptr, w_ptr, y_ptr, hp_ptr,
     m_ptr, l_ptr, zt_ptr, s_ptr,
-    N, d, C, K, n_tiles, tiles_per_split,
-    stride_xn, stride_xd, stride_wd, stride_wm, stride_sn, stride_sc,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, d, C, n_tiles, tiles_per_split,
+    stride_xn, stride_xd, stride_wm, stride_wd, stride_sn, stride_sc,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LOGITS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -41,9 +44,12 @@ def softtriple_fwd_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     for t in range(t_begin, t_end):
-        _, _, cls, cls_valid, _, _, _, _, S = class_tile(
-            x_ptr, w_ptr, rw_ptr, rows, row_mask, t * BLOCK_C, C, K, d, inv_gamma,
-            stride_xn, stride_xd, stride_wd, stride_wm, BLOCK_N, BLOCK_C, KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+        c0 = t * BLOCK_C
+        S = tile_similarity(x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma,
+                            stride_xn, stride_xd, stride_wm, stride_wd,
+                            K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+        cls = c0 + tl.arange(0, BLOCK_C)
+        cls_valid = cls < C
         if LOGITS:
             tl.store(s_ptr + rows.to(tl.int64)[:, None] * stride_sn + cls.to(tl.int64)[None, :] * stride_sc,
                      S, mask=row_mask[:, None] & cls_valid[None, :])
@@ -61,16 +67,18 @@ def softtriple_fwd_kernel(
         tl.store(zt_ptr + out, zt_i, mask=row_mask)
 
 
-def _launch(x, w, rw, labels, K, la, gamma, margin, logits, splits, block_m):
-    check_operands(x, w, rw, K)
+def _launch(x, wt, labels, p, logits, splits, lanes):
+    K = p.K
+    check_operands(x, wt, K)
     N, d = x.shape
-    C = w.shape[1] // K
-    acc = acc_dtype(x.dtype, w.dtype)
-    hp = hyper_tensor((la, 1.0 / gamma, margin), acc, x.device)
+    C = wt.shape[0] // K
+    acc = acc_dtype(x.dtype)
+    hp = hyper_tensor((p.la, 1.0 / p.gamma, p.margin), acc, x.device)
     y = torch.empty((1,), dtype=torch.int64, device=x.device) if logits else labels
+    target = target_of(x.device)
 
     def run(cfg):
-        plan = plan_launch(N, C, cfg, x.device, 1 if logits else splits, loop_over_rows=False)
+        plan = plan_launch(N, C, cfg, target, splits, loop_over_rows=False)
         if logits:
             S = torch.empty((N, C), dtype=acc, device=x.device)
             m = l = zt = S  # unused
@@ -80,28 +88,26 @@ def _launch(x, w, rw, labels, K, la, gamma, margin, logits, splits, block_m):
             l = torch.empty_like(m)
             zt = torch.empty_like(m)
         if N > 0:
-            softtriple_fwd_kernel[(plan.n_row_blocks, plan.n_splits)](
-                x, w, rw, y, hp, m, l, zt, S,
-                N, d, C, K, plan.n_tiles, plan.per_split,
-                x.stride(0), x.stride(1), w.stride(0), w.stride(1), S.stride(0), S.stride(1),
-                LOGITS=logits, **kernel_meta(cfg, x.dtype, w.dtype, grad=False),
-            )
+            launch(softtriple_fwd_kernel, (plan.n_row_blocks, plan.n_splits),
+                   x, wt, y, hp, m, l, zt, S,
+                   N, d, C, plan.n_tiles, plan.per_split,
+                   x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), S.stride(0), S.stride(1),
+                   LOGITS=logits, **kernel_meta(cfg, x.dtype, K))
         return S if logits else (m, l, zt)
 
-    return run(choose_tiles("logits" if logits else "forward", x, w, K, block_m, run))
+    return run(choose_tiles("forward", x, wt.shape[0], K, lanes, run))
 
 
-def softtriple_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, labels: torch.Tensor, K: int,
-                       la: float, gamma: float, margin: float, splits: int | None = None,
-                       block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def softtriple_forward(x: torch.Tensor, wt: torch.Tensor, labels: torch.Tensor, p: LossParams,
+                       splits: int | None = None, lanes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row classification loss and log-sum-exp (saved for the backward), both [N] in the accumulation dtype.
 
-    x [N, d] (already normalised if wanted), w [d, C*K] raw centers, rw [C*K] inverse column norms,
-    labels [N] int64 in [0, C).
+    x [N, d] (already normalised if wanted), wt [C*K, d] column-normalised centers stored row-wise (both in the
+    product dtype), labels [N] int64 in [0, C).
     """
     if labels.shape != (x.shape[0],) or labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64 of shape ({x.shape[0]},); got {labels.dtype} {tuple(labels.shape)}")
-    m, l, zt = _launch(x, w, rw, labels, K, la, gamma, margin, False, splits, block_m)
+    m, l, zt = _launch(x, wt, labels, p, False, splits, lanes)
     if m.shape[0] == 1:
         mx, log_l, zt = m[0], torch.log(l[0]), zt[0]
     else:  # merge the splits' partial log-sum-exps in a fixed order
@@ -112,7 +118,7 @@ def softtriple_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, label
     return (mx - zt) + log_l, mx + log_l
 
 
-def softtriple_logits_forward(x: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, K: int, gamma: float,
-                              block_m: int | None = None) -> torch.Tensor:
-    """S [N, C] in the accumulation dtype: relaxed class similarities (no margin, no la)."""
-    return _launch(x, w, rw, None, K, 1.0, gamma, 0.0, True, None, block_m)
+def softtriple_logits_forward(x: torch.Tensor, wt: torch.Tensor, p: LossParams, splits: int | None = None,
+                              lanes: int | None = None) -> torch.Tensor:
+    """S [N, C] in the accumulation dtype: relaxed class similarities (no margin, no la; uses p.K, p.gamma)."""
+    return _launch(x, wt, None, p, True, splits, lanes)

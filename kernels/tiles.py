@@ -1,9 +1,13 @@
-"""Triton building blocks shared by the forward and backward kernels.
+"""Triton building blocks shared by the kernels.
 
-A *tile* is BLOCK_N rows of embeddings against BLOCK_C whole classes. Each class occupies KP lanes
-(K rounded up to a power of two); lanes k >= K are padding and are masked with -inf before the
-inner softmax, so they get probability exactly 0. Lane ``l`` of a tile is center ``l % KP`` of class
-``c0 + l // KP``, i.e. column ``(c0 + l // KP) * K + l % KP`` of the centers matrix.
+A *tile* is BLOCK_N rows of embeddings against BLOCK_C whole classes. The K centers of a class are split into
+two lane groups of power-of-two width (config.lane_groups): group A holds centers 0 .. KA-1 of every class of the
+tile (BLOCK_C * KA lanes), group B centers KA .. KA+KB-1 (BLOCK_C * KB lanes; lanes with k >= K are padding,
+masked with -inf before the inner softmax, so they get weight exactly 0). Lane ``l`` of group A is center
+``l % KA`` of class ``c0 + l // KA``: row ``(c0 + l // KA) * K + l % KA`` of the prepared centers wt [C*K, d].
+
+The prepared centers are column-normalised and stored row-wise (wt = normalize(fc, dim=0).T in the product
+dtype), so a similarity tile is a plain tl.dot: s = x @ wt[cols].T, the cosine itself.
 
 All offsets that can exceed 2**31 (row * stride, column * stride) are computed in int64.
 """
@@ -13,70 +17,90 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_lanes(c0, C, K, BLOCK_C: tl.constexpr, KP: tl.constexpr):
-    """Column indices (int64) and validity masks of the BLOCK_C*KP lanes of the tile starting at class c0."""
-    lanes = tl.arange(0, BLOCK_C * KP)
-    lane_cls = c0 + lanes // KP
-    lane_k = lanes % KP
-    k_valid = lane_k < K
-    col_mask = (lane_cls < C) & k_valid
-    cols = lane_cls.to(tl.int64) * K + lane_k
-    return cols, col_mask, k_valid
+def group_lanes(c0, C, K: tl.constexpr, K0: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of wt (int64), validity, and k-validity of the BLOCK_C*KW lanes of one lane group (centers K0 ..
+    K0+KW-1 of classes c0 .. c0+BLOCK_C-1)."""
+    lanes = tl.arange(0, BLOCK_C * KW)
+    cls = c0 + lanes // KW
+    k = K0 + lanes % KW
+    k_valid = k < K
+    valid = (cls < C) & k_valid
+    cols = cls.to(tl.int64) * K + k
+    return cols, valid, k_valid
 
 
 @triton.jit
-def similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
-                    stride_xn, stride_xd, stride_wd, stride_wm,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """u = x[rows] @ w[:, cols] (raw dot products) and s = u * rw[cols] (cosines), both [BLOCK_N, BLOCK_M]."""
+def similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
+                     stride_xn, stride_xd, stride_wm, stride_wd,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BMA: tl.constexpr, BMB: tl.constexpr,
+                     HAS_B: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Cosines of the tile, one accumulator per lane group: sA [BLOCK_N, BMA], sB [BLOCK_N, BMB]. The embedding
+    chunk is loaded once per d step and feeds both dots."""
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DTYPE)
+    accA = tl.zeros((BLOCK_N, BMA), dtype=ACC_DTYPE)
+    accB = tl.zeros((BLOCK_N, BMB), dtype=ACC_DTYPE)
     for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         d_mask = offs_d < d
-        offs_d64 = offs_d.to(tl.int64)
-        xt = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d64[None, :] * stride_xd,
-                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_d64[:, None] * stride_wd + cols[None, :] * stride_wm,
-                     mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
-    return acc, acc * rw[None, :], rw
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                     mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)
+        wa = tl.load(w_ptr + colsA[None, :] * stride_wm + offs_d[:, None] * stride_wd,
+                     mask=validA[None, :] & d_mask[:, None], other=0.0).to(DOT_DTYPE)
+        accA = tl.dot(xt, wa, accA, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_B:
+            wb = tl.load(w_ptr + colsB[None, :] * stride_wm + offs_d[:, None] * stride_wd,
+                         mask=validB[None, :] & d_mask[:, None], other=0.0).to(DOT_DTYPE)
+            accB = tl.dot(xt, wb, accB, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return accA, accB
 
 
 @triton.jit
-def inner_softmax(s, k_valid, inv_gamma,
-                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
-    """Softmax over the K centers of each class at temperature gamma.
+def inner_softmax(sA, sB, kvalidB, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KA: tl.constexpr,
+                  KB: tl.constexpr, HAS_B: tl.constexpr):
+    """Softmax over the K centers of each class at temperature gamma, across both lane groups.
 
-    Returns p and s reshaped to [BLOCK_N, BLOCK_C, KP] and the relaxed similarity
-    S = sum_k p * s, [BLOCK_N, BLOCK_C]. Padded lanes get p = 0.
+    Returns the unnormalised weights eA [BLOCK_N, BLOCK_C, KA] and eB (exp((s - max_k s) / gamma)), their
+    reciprocal sum rden [BLOCK_N, BLOCK_C] and the relaxed similarity S = sum_k p s [BLOCK_N, BLOCK_C]
+    (p = e * rden). K == 1 needs no softmax: e = 1, rden = 1, S = s.
     """
-    t = tl.where(k_valid[None, :], s * inv_gamma, float("-inf"))
-    t3 = tl.reshape(t, (BLOCK_N, BLOCK_C, KP))
-    s3 = tl.reshape(s, (BLOCK_N, BLOCK_C, KP))
-    m = tl.max(t3, axis=2)
-    e = tl.exp(t3 - m[:, :, None])
-    p3 = e / tl.sum(e, axis=2)[:, :, None]
-    S = tl.sum(p3 * s3, axis=2)
-    return p3, s3, S
+    sA3 = tl.reshape(sA, (BLOCK_N, BLOCK_C, KA))
+    if KA == 1 and not HAS_B:
+        eA = tl.full((BLOCK_N, BLOCK_C, KA), 1.0, sA.dtype)
+        eB = sB
+        rden = tl.full((BLOCK_N, BLOCK_C), 1.0, sA.dtype)
+        S = tl.reshape(sA, (BLOCK_N, BLOCK_C))
+    else:
+        tA = sA3 * inv_gamma
+        m = tl.max(tA, axis=2)
+        if HAS_B:
+            tB = tl.reshape(tl.where(kvalidB[None, :], sB * inv_gamma, float("-inf")), (BLOCK_N, BLOCK_C, KB))
+            m = tl.maximum(m, tl.max(tB, axis=2))
+        eA = tl.exp(tA - m[:, :, None])
+        den = tl.sum(eA, axis=2)
+        num = tl.sum(eA * sA3, axis=2)
+        eB = sB
+        if HAS_B:
+            eB3 = tl.exp(tB - m[:, :, None])
+            den += tl.sum(eB3, axis=2)
+            num += tl.sum(eB3 * tl.reshape(sB, (BLOCK_N, BLOCK_C, KB)), axis=2)
+            eB = tl.reshape(eB3, (BLOCK_N, BLOCK_C * KB))
+        rden = 1.0 / den
+        S = num * rden
+    return eA, eB, rden, S
 
 
 @triton.jit
-def class_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, c0, C, K, d, inv_gamma,
-               stride_xn, stride_xd, stride_wd, stride_wm,
-               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Everything a kernel needs about the tile (rows x classes c0 .. c0+BLOCK_C), recomputed from the inputs:
-    lanes (cols, col_mask), classes (cls, cls_valid), raw dots u, cosines s, rw, and the inner softmax (p3, s3, S)."""
-    cols, col_mask, k_valid = tile_lanes(c0, C, K, BLOCK_C, KP)
-    u, s, rw = similarity_tile(x_ptr, w_ptr, rw_ptr, rows, row_mask, cols, col_mask, d,
-                               stride_xn, stride_xd, stride_wd, stride_wm,
-                               BLOCK_N, BLOCK_C * KP, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
-    p3, s3, S = inner_softmax(s, k_valid, inv_gamma, BLOCK_N, BLOCK_C, KP)
-    cls = c0 + tl.arange(0, BLOCK_C)
-    return cols, col_mask, cls, cls < C, u, rw, p3, s3, S
+def to_operand(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x rounded to the operand / storage dtype DTYPE. EMULATE_BF16 (interpreter, bf16 products): the interpreter
+    converts fp32 to bf16 by truncation, so the round-to-nearest-even is done here on the fp32 bit pattern; the
+    result is an fp32 value exactly representable in bf16 (DTYPE is fp32 then: dots are upcast, see
+    config.dot_dtype), and storing it to a bf16 buffer is exact."""
+    if EMULATE_BF16:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
 
 
 @triton.jit
@@ -96,10 +120,12 @@ def class_logits(S, cls, cls_valid, y, la, margin):
 
 
 @triton.jit
-def grad_similarity(gS, p3, s3, S, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dL/ds from dL/dS: gS * p * (1 + (s - S) / gamma), flattened back to [BLOCK_N, BLOCK_M]."""
-    coef = gS[:, :, None] * p3 * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
-    return tl.reshape(coef, (BLOCK_N, BLOCK_M))
+def lane_grad(gw, e3, s, S, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KW: tl.constexpr):
+    """dL/ds of one lane group, [BLOCK_N, BLOCK_C * KW]: gw * e * (1 + (s - S) / gamma), where gw = dL/dS * rden
+    [BLOCK_N, BLOCK_C] (dS/ds = p (1 + (s - S) / gamma), p = e * rden)."""
+    s3 = tl.reshape(s, (BLOCK_N, BLOCK_C, KW))
+    coef = gw[:, :, None] * e3 * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
+    return tl.reshape(coef, (BLOCK_N, BLOCK_C * KW))
 
 
 @triton.jit
@@ -122,4 +148,49 @@ def upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls_valid,
         z, is_t = class_logits(S, cls, cls_valid, y, la, margin)
         q = tl.exp(z - lse[:, None])
         gS = (g * la)[:, None] * (q - tl.where(is_t, 1.0, 0.0))
-    return gS
+    return tl.where(row_mask[:, None] & cls_valid[None, :], gS, 0.0)
+
+
+@triton.jit
+def tile_grads(x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, C, d, la, inv_gamma, margin,
+               stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
+               K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               PRECISION: tl.constexpr, LOGITS: tl.constexpr):
+    """Recompute the tile from the inputs and return dL/ds per lane group with their rows of wt and the cosines:
+    (colsA, validA, sA, dsA, colsB, validB, sB, dsB); the group-B values are dummies when KB == 0."""
+    HAS_B: tl.constexpr = KB > 0
+    KBX: tl.constexpr = KB if KB > 0 else 1
+    colsA, validA, _ = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+    colsB, validB, kvB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
+    sA, sB = similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
+                              stride_xn, stride_xd, stride_wm, stride_wd,
+                              BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
+    eA, eB, rden, S = inner_softmax(sA, sB, kvB, inv_gamma, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
+    cls = c0 + tl.arange(0, BLOCK_C)
+    gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
+                       stride_dsn, stride_dsc, la, margin, LOGITS)
+    gw = gS * rden
+    dsA = lane_grad(gw, eA, sA, S, inv_gamma, BLOCK_N, BLOCK_C, KA)
+    dsB = dsA
+    if HAS_B:
+        dsB = lane_grad(gw, tl.reshape(eB, (BLOCK_N, BLOCK_C, KBX)), sB, S, inv_gamma, BLOCK_N, BLOCK_C, KBX)
+        dsB = tl.where(validB[None, :], dsB, 0.0)
+    return colsA, validA, sA, dsA, colsB, validB, sB, dsB
+
+
+@triton.jit
+def tile_similarity(x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma, stride_xn, stride_xd, stride_wm, stride_wd,
+                    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The relaxed similarity S [BLOCK_N, BLOCK_C] of the tile starting at class c0, recomputed from the inputs."""
+    HAS_B: tl.constexpr = KB > 0
+    KBX: tl.constexpr = KB if KB > 0 else 1
+    colsA, validA, _ = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+    colsB, validB, kvB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
+    sA, sB = similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
+                              stride_xn, stride_xd, stride_wm, stride_wd,
+                              BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
+    _, _, _, S = inner_softmax(sA, sB, kvB, inv_gamma, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
+    return S

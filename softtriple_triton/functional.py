@@ -14,18 +14,33 @@ from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import center_regularizer
 
 
-def _normalized_rows(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
-    """Embeddings as the kernels consume them: normalised in the accumulation dtype, then stored in the
-    promotion of both input dtypes (one rounding; bf16 embeddings with fp32 centers stay fp32)."""
-    dt = torch.promote_types(embeddings.dtype, fc.dtype)
+def product_dtype(emb_dtype: torch.dtype, fc_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype in which the fused (Triton) backend multiplies embeddings and centers (always accumulating in
+    fp32; the softmaxes, log-sum-exps and reductions are fp32 too):
+
+    - fp64 when either input is fp64 (exact);
+    - under ``torch.autocast`` on that device: the autocast dtype, as a matmul would run there;
+    - bf16 / fp16 embeddings with fp32 (or same-dtype) centers: the embeddings' dtype, on tensor cores;
+    - otherwise the promotion of both: fp32 with fp32 follows ``torch.get_float32_matmul_precision()`` as
+      ``torch.mm`` does ("highest": IEEE fp32; "high" / "medium": TF32).
+
+    The centers' dtype never changes: they are normalised into a transient copy in this dtype for each step.
+    """
+    if torch.float64 in (emb_dtype, fc_dtype):
+        return torch.float64
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if emb_dtype in (torch.float16, torch.bfloat16) and fc_dtype in (emb_dtype, torch.float32):
+        return emb_dtype
+    return torch.promote_types(emb_dtype, fc_dtype)
+
+
+def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: torch.dtype) -> Tensor:
+    """Embeddings as the kernels consume them: normalised in the accumulation dtype, then stored in ``dt``
+    (one rounding)."""
     if not normalize:
         return embeddings.to(dt)
     return F.normalize(embeddings.to(acc), p=2, dim=1).to(dt)
-
-
-def _inverse_norms(fc: Tensor, dtype: torch.dtype) -> Tensor:
-    # differentiable; same semantics as F.normalize: 1 / max(||w_j||, 1e-12)
-    return torch.linalg.vector_norm(fc.to(dtype), dim=0).clamp_min(1e-12).reciprocal()
 
 
 def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_class: int, la: float = 20.0,
@@ -60,14 +75,17 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     la, gamma, tau, margin = float(la), float(gamma), float(tau), float(margin)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
 
+    prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if be == "reference":
             return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
                                              normalize_embeddings, reduction)
-        x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
-            rows, _ = ops.loss_op(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
+            x = _normalized_rows(embeddings, acc, normalize_embeddings, acc)
+            rows = ops.loss_op(x, fc, labels, K, la, gamma, margin, prod)[0]
         else:
+            x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings,
+                                 acc)
             rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin, normalize_embeddings)
         if reduction == "none":
             return rows
@@ -90,10 +108,11 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     be = resolve_backend(backend, embeddings.device, K)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
     gamma = float(gamma)
+    prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         if be == "reference":
             return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
-        x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
-            return ops.logits_op(x, fc, _inverse_norms(fc, acc), K, gamma)
+            return ops.logits_op(_normalized_rows(embeddings, acc, normalize_embeddings, acc), fc, K, gamma, prod)[0]
+        x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings, acc)
         return torch_logits(x, fc, K, gamma, normalize_embeddings)

@@ -1,17 +1,21 @@
-"""torch.library registration of the fused Triton kernels (layer 2: forward/backward wiring).
+"""torch.library registration of the fused Triton backend (layer 2: op schemas, fake implementations, autograd).
 
-Four opaque custom ops, each with a fake (meta) implementation so ``torch.compile(fullgraph=True)``
-traces through them without graph breaks, and autograd formulas that call the backward ops:
+Four opaque custom ops, each with a fake (meta) implementation so ``torch.compile(fullgraph=True)`` traces through
+them without graph breaks, and autograd formulas that call the backward ops:
 
-    softtriple_triton::loss(x, w, rw, labels, K, la, gamma, margin) -> (loss_rows [N], lse [N])
-    softtriple_triton::loss_backward(g, x, w, rw, labels, lse, K, la, gamma, margin) -> (dx, dw, drw)
-    softtriple_triton::logits(x, w, rw, K, gamma) -> S [N, C]
-    softtriple_triton::logits_backward(dS, x, w, rw, K, gamma) -> (dx, dw, drw)
+    softtriple_triton::loss(x, fc, labels, K, la, gamma, margin, dtype) -> (loss_rows [N], lse [N], xp, wt, rw)
+    softtriple_triton::loss_backward(g, xp, fc, wt, rw, labels, lse, K, la, gamma, margin) -> (dx, dfc)
+    softtriple_triton::logits(x, fc, K, gamma, dtype) -> (S [N, C], xp, wt, rw)
+    softtriple_triton::logits_backward(dS, xp, fc, wt, rw, K, gamma) -> (dx, dfc)
 
-x is the (already normalised) embedding matrix, w the raw centers [d, C*K] and rw their inverse column
-norms in the accumulation dtype; the column normalisation's backward is autograd's, through rw.
-Implementations are registered per device: CUDA runs the compiled kernels, CPU runs the same kernels
-through Triton's interpreter (TRITON_INTERPRET=1; an explicit error otherwise).
+x is the (already normalised) embedding matrix in the accumulation dtype (fp32, fp64 for fp64 inputs), fc the
+user's raw centers [d, C*K], dtype the product dtype (functional.product_dtype). xp (x in the product dtype), wt
+(the column-normalised centers stored row-wise, in the product dtype) and rw (inverse column norms) are internal
+outputs kept for the backward. dx comes back in the accumulation dtype: the embeddings' own dtype is applied by
+autograd after the normalisation's backward, so a large gradient of fp16 embeddings is scaled by 1/||e|| before
+it is rounded to fp16. What each op computes is in fused.py. Implementations are registered for CUDA
+(compiled kernels) and CPU (the same kernels through Triton's interpreter, TRITON_INTERPRET=1; an explicit error
+otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype
+from . import fused
+from ._common import LossParams, acc_dtype
+
 
 def _triton_available() -> bool:
     try:
@@ -40,94 +46,111 @@ def _require_triton():
                            "backend='torch' runs without it")
 
 
+def _capturing() -> bool:
+    """bench/gpu_static.py runs the real implementations on fake tensors to record the kernel launches."""
+    if not TRITON_AVAILABLE:
+        return False
+    from .kernels.target import simulated
+    return simulated() is not None
+
+
+# ----------------------------------------------------------------------------------------------------- loss
 @torch.library.custom_op("softtriple_triton::loss", mutates_args=(), device_types=_DEVICES)
-def loss_op(x: Tensor, w: Tensor, rw: Tensor, labels: Tensor, K: int, la: float, gamma: float,
-            margin: float) -> tuple[Tensor, Tensor]:
+def loss_op(x: Tensor, fc: Tensor, labels: Tensor, K: int, la: float, gamma: float, margin: float,
+            dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _require_triton()
-    from .kernels.forward import softtriple_forward
-    return softtriple_forward(x, w, rw, labels, K, la, gamma, margin)
+    return fused.loss_forward(x, fc, labels, LossParams(K, la, gamma, margin), dtype)
 
 
 @loss_op.register_fake
-def _(x, w, rw, labels, K, la, gamma, margin):
+def _(x, fc, labels, K, la, gamma, margin, dtype):
+    if _capturing():
+        return fused.loss_forward(x, fc, labels, LossParams(K, la, gamma, margin), dtype)
     n = x.shape[0]
-    return x.new_empty((n,), dtype=acc_dtype(x.dtype, w.dtype)), x.new_empty((n,), dtype=acc_dtype(x.dtype, w.dtype))
+    return (x.new_empty((n,)), x.new_empty((n,))) + _fake_prepared(x, fc, dtype)
+
+
+def _fake_prepared(x, fc, dtype):
+    M = fc.shape[1]
+    xp = x.new_empty(x.shape if dtype != x.dtype else (0,), dtype=dtype)
+    return xp, x.new_empty((M, x.shape[1]), dtype=dtype), x.new_empty((M,))
 
 
 @torch.library.custom_op("softtriple_triton::loss_backward", mutates_args=(), device_types=_DEVICES)
-def loss_backward_op(g: Tensor, x: Tensor, w: Tensor, rw: Tensor, labels: Tensor, lse: Tensor, K: int,
-                     la: float, gamma: float, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+def loss_backward_op(g: Tensor, xp: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor, lse: Tensor,
+                     K: int, la: float, gamma: float, margin: float) -> tuple[Tensor, Tensor]:
     _require_triton()
-    from .kernels.backward_w import softtriple_backward_w
-    from .kernels.backward_x import softtriple_backward_x
-    g = g.to(lse.dtype).contiguous()
-    dx = softtriple_backward_x(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
-    dw, drw = softtriple_backward_w(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
-    return dx.to(x.dtype), dw.to(w.dtype), drw
+    return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin))
 
 
 @loss_backward_op.register_fake
-def _(g, x, w, rw, labels, lse, K, la, gamma, margin):
-    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(rw)
+def _(g, xp, fc, wt, rw, labels, lse, K, la, gamma, margin):
+    if _capturing():
+        return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin))
+    return xp.new_empty(xp.shape, dtype=acc_dtype(xp.dtype)), torch.empty_like(fc)
 
 
 def _loss_setup(ctx, inputs, output):
-    x, w, rw, labels, K, la, gamma, margin = inputs
-    ctx.save_for_backward(x, w, rw, labels, output[1])
+    x, fc, labels, K, la, gamma, margin, dtype = inputs
+    _, lse, xp, wt, rw = output
+    ctx.save_for_backward(fused.product_operand(x, xp), fc, wt, rw, labels, lse)
     ctx.hyper = (K, la, gamma, margin)
 
 
-def _loss_backward(ctx, g_loss, g_lse):
-    # lse is an internal output (saved for the backward); no public function exposes it.
-    x, w, rw, labels, lse = ctx.saved_tensors
-    if g_loss is None:
-        g_loss = torch.zeros_like(lse)
-    dx, dw, drw = loss_backward_op(g_loss, x, w, rw, labels, lse, *ctx.hyper)
-    return dx, dw, drw, None, None, None, None, None
+def _loss_backward(ctx, g_rows, g_lse, g_xp, g_wt, g_rw):
+    # lse, xp, wt and rw are internal outputs (saved for the backward); no public function exposes them.
+    xp, fc, wt, rw, labels, lse = ctx.saved_tensors
+    if g_rows is None:
+        g_rows = torch.zeros_like(lse)
+    dx, dfc = loss_backward_op(g_rows, xp, fc, wt, rw, labels, lse, *ctx.hyper)
+    return dx, dfc, None, None, None, None, None, None
 
 
 loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
+# --------------------------------------------------------------------------------------------------- logits
 @torch.library.custom_op("softtriple_triton::logits", mutates_args=(), device_types=_DEVICES)
-def logits_op(x: Tensor, w: Tensor, rw: Tensor, K: int, gamma: float) -> Tensor:
+def logits_op(x: Tensor, fc: Tensor, K: int, gamma: float,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _require_triton()
-    from .kernels.forward import softtriple_logits_forward
-    return softtriple_logits_forward(x, w, rw, K, gamma)
+    return fused.logits_forward(x, fc, LossParams(K, 1.0, gamma, 0.0), dtype)
 
 
 @logits_op.register_fake
-def _(x, w, rw, K, gamma):
-    return x.new_empty((x.shape[0], w.shape[1] // K), dtype=acc_dtype(x.dtype, w.dtype))
+def _(x, fc, K, gamma, dtype):
+    if _capturing():
+        return fused.logits_forward(x, fc, LossParams(K, 1.0, gamma, 0.0), dtype)
+    return (x.new_empty((x.shape[0], fc.shape[1] // K)),) + _fake_prepared(x, fc, dtype)
 
 
 @torch.library.custom_op("softtriple_triton::logits_backward", mutates_args=(), device_types=_DEVICES)
-def logits_backward_op(dS: Tensor, x: Tensor, w: Tensor, rw: Tensor, K: int,
-                       gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+def logits_backward_op(dS: Tensor, xp: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, K: int,
+                       gamma: float) -> tuple[Tensor, Tensor]:
     _require_triton()
-    from .kernels.backward_w import softtriple_backward_w
-    from .kernels.backward_x import softtriple_backward_x
-    dS = dS.to(rw.dtype)
-    dx = softtriple_backward_x(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
-    dw, drw = softtriple_backward_w(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
-    return dx.to(x.dtype), dw.to(w.dtype), drw
+    return fused.backward(xp, fc, wt, rw, None, None, None, dS, LossParams(K, 1.0, gamma, 0.0))
 
 
 @logits_backward_op.register_fake
-def _(dS, x, w, rw, K, gamma):
-    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(rw)
+def _(dS, xp, fc, wt, rw, K, gamma):
+    if _capturing():
+        return fused.backward(xp, fc, wt, rw, None, None, None, dS, LossParams(K, 1.0, gamma, 0.0))
+    return xp.new_empty(xp.shape, dtype=acc_dtype(xp.dtype)), torch.empty_like(fc)
 
 
 def _logits_setup(ctx, inputs, output):
-    x, w, rw, K, gamma = inputs
-    ctx.save_for_backward(x, w, rw)
+    x, fc, K, gamma, dtype = inputs
+    _, xp, wt, rw = output
+    ctx.save_for_backward(fused.product_operand(x, xp), fc, wt, rw)
     ctx.hyper = (K, gamma)
 
 
-def _logits_backward(ctx, dS):
-    x, w, rw = ctx.saved_tensors
-    dx, dw, drw = logits_backward_op(dS.contiguous(), x, w, rw, *ctx.hyper)
-    return dx, dw, drw, None, None
+def _logits_backward(ctx, dS, g_xp, g_wt, g_rw):
+    xp, fc, wt, rw = ctx.saved_tensors
+    if dS is None:
+        return None, None, None, None, None
+    dx, dfc = logits_backward_op(dS.contiguous(), xp, fc, wt, rw, *ctx.hyper)
+    return dx, dfc, None, None, None
 
 
 logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)

@@ -1,0 +1,74 @@
+"""The GPU a launch is planned for, and the one place where kernels are launched.
+
+Launch planning (tiles, splits) depends on the target: its architecture and its number of SMs. On a real
+device both come from the driver. ``simulate(target)`` makes the launchers plan for a GPU that is not there
+and record their launches instead of running them: ``bench/gpu_static.py`` uses it, with fake CUDA tensors,
+to capture exactly the launches the public API makes and compile them ahead of time for sm_90 / sm_80 / gfx942.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .._common import interpreting
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str        # "cuda", "hip" or "interpreter"
+    arch: object        # 90, 80 (cuda compute capability x 10), "gfx942" (hip), None (interpreter)
+    sms: int            # streaming multiprocessors (compute units)
+    warp_size: int = 32
+
+    @property
+    def tensor_cores(self) -> bool:
+        """wgmma (sm_90), mma.sync (sm_80) or MFMA (gfx9xx): bf16/fp16/tf32 dots run on matrix units."""
+        return self.backend in ("cuda", "hip")
+
+
+INTERPRETER = Target("interpreter", None, 1)
+H100 = Target("cuda", 90, 132)      # also the H200 (same SM count)
+A100 = Target("cuda", 80, 108)
+MI300X = Target("hip", "gfx942", 304, 64)
+
+_state = threading.local()
+
+
+def simulated() -> Target | None:
+    return getattr(_state, "target", None)
+
+
+def target_of(device: torch.device) -> Target:
+    sim = simulated()
+    if sim is not None:
+        return sim
+    if device.type != "cuda" or interpreting():
+        return INTERPRETER
+    props = torch.cuda.get_device_properties(device)
+    if getattr(torch.version, "hip", None):
+        return Target("hip", props.gcnArchName.split(":")[0], props.multi_processor_count, 64)
+    return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count)
+
+
+@contextlib.contextmanager
+def simulate(target: Target):
+    """Plan launches for ``target`` and record them (kernel, grid, args, kwargs) instead of running them."""
+    old_t, old_r = simulated(), getattr(_state, "records", None)
+    _state.target, _state.records = target, []
+    try:
+        yield _state.records
+    finally:
+        _state.target, _state.records = old_t, old_r
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), or a recorded launch under ``simulate``."""
+    records = getattr(_state, "records", None)
+    if records is not None and simulated() is not None:
+        records.append((kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)

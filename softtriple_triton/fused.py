@@ -1,0 +1,197 @@
+"""Host side of the fused (Triton) backend: what each torch.library op of ops.py does (layer 2).
+
+Forward: inverse column norms rw of the centers, the prepared centers wt = (fc * rw).T in the product dtype
+(kernels/prepare.py), then the forward kernel (one GEMM-equivalent). Both rw and wt are outputs of the op, saved
+for the backward.
+
+Backward, "chunked" (the default; 3 GEMM-equivalents, 4 per step with the forward): for each chunk of whole class
+tiles, the dL/ds kernel recomputes the tile once and writes dL/ds for the chunk [N, chunk] (bounded by
+``chunk_bytes``); two library products follow, dx += ds @ wt[chunk] (accumulated in fp32 across chunks) and
+dL/dwn[:, chunk] = x^T @ ds (disjoint columns). Deterministic: no atomics, fixed reduction orders.
+"two_kernel" (selectable for comparison; 4 GEMM-equivalents, 5 per step): the embeddings' and the centers'
+gradient kernels each recompute every tile.
+
+Both end with the column normalisation's backward, dfc_j = rw_j (V_j - wn_j sigma_j) with V = dL/dwn and
+sigma_j = wn_j . V_j = sum_i ds_ij s_ij from the kernels, in the accumulation dtype: no normalised fp32 copy of
+the centers and no autograd through the normalisation.
+
+Products run in the dtype of x (the product dtype chosen by the API, see functional.product_dtype) with fp32
+accumulation (fp64 for fp64). fp16 gradients are pre-scaled by a power of two into fp16's range: |dL/ds| <=
+|g| la (1 + 2 max|s| / gamma) can exceed 65504.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+from ._common import LossParams, acc_dtype
+
+BACKWARDS = ("chunked", "two_kernel")
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+_options = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "chunked"), "chunk_bytes": DEFAULT_CHUNK_BYTES}
+_interp_lock = threading.Lock()
+
+
+def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None) -> dict:
+    """Choose the Triton backend's backward ("chunked", the default, or "two_kernel") and the bound of its dL/ds
+    chunk buffer in bytes (default 256 MiB); returns the previous values. SOFTTRIPLE_TRITON_BACKWARD sets the
+    backward at import."""
+    old = dict(_options)
+    if backward is not None:
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        _options["backward"] = backward
+    if chunk_bytes is not None:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
+        _options["chunk_bytes"] = chunk_bytes
+    return old
+
+
+def inverse_norms(fc: Tensor, acc: torch.dtype) -> Tensor:
+    """rw = 1 / max(||fc_j||, 1e-12) in ``acc`` (F.normalize's semantics), for any finite fc: the squares are summed
+    in fp64 for fp32 and lower (no overflow), and fp64 columns are scaled by their largest entry first."""
+    if fc.dtype == torch.float64:
+        amax = fc.abs().amax(dim=0)
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        norm = torch.linalg.vector_norm(fc / safe, dim=0) * amax
+    else:
+        norm = torch.linalg.vector_norm(fc, dim=0, dtype=torch.float64)
+    return norm.to(acc).clamp_min(1e-12).reciprocal()
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b accumulated and returned in the accumulation dtype: on CUDA a 16-bit product with an fp32 output
+    (torch.mm's out_dtype; tensor cores), fp32 following torch's matmul precision, fp64 exact. On the CPU
+    (interpreter tests) 16-bit operands are upcast: their products are exact in fp32."""
+    acc = acc_dtype(a.dtype)
+    if a.dtype == acc or (a.dtype == torch.float32 and acc == torch.float32):
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc, out=out) if out is not None else torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a.to(acc), b.to(acc), out=out)
+
+
+def _grad_scale(x: Tensor, upstream: Tensor, la: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """(inv_scale, scale) as 1-element device tensors: 1 except for fp16 products, where scale is the power of two
+    at or above the bound max|upstream| la (1 + 2 max_i ||x_i|| / gamma) of |dL/ds| (no host synchronisation)."""
+    from .kernels.config import hyper_tensor
+
+    acc = acc_dtype(x.dtype)
+    if x.dtype != torch.float16:
+        one = hyper_tensor((1.0,), acc, x.device)
+        return one, one
+    xmax = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).amax() if x.shape[0] else x.new_zeros((), dtype=acc)
+    bound = upstream.abs().amax().to(acc) * la * (1.0 + 2.02 * xmax / gamma) if upstream.numel() else xmax * 0
+    scale = torch.where(bound > 0, torch.exp2(torch.ceil(torch.log2(bound))), torch.ones_like(bound))
+    return scale.reciprocal().reshape(1), scale.reshape(1)
+
+
+def _serialised(fn):
+    """Triton's interpreter keeps global state per launch: two threads launching at once break it."""
+    def wrapper(*args, **kwargs):
+        from ._common import interpreting
+        if not interpreting():
+            return fn(*args, **kwargs)
+        with _interp_lock:
+            return fn(*args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@_serialised
+def loss_forward(x: Tensor, fc: Tensor, labels: Tensor, p: LossParams, dtype: torch.dtype):
+    """(loss rows [N], lse [N], xp, wt [C*K, d], rw [C*K]) for x in the accumulation dtype and products in dtype
+    (xp: see product_operand)."""
+    from .kernels.forward import softtriple_forward
+
+    xp, wt, rw = _prepare(x, fc, dtype)
+    rows, lse = softtriple_forward(xp, wt, labels, p)
+    return rows, lse, _own_xp(x, xp), wt, rw
+
+
+def _prepare(x: Tensor, fc: Tensor, dtype: torch.dtype):
+    """(x in the product dtype, the prepared centers wt, the inverse column norms rw)."""
+    from .kernels.prepare import prepare_centers
+
+    rw = inverse_norms(fc, acc_dtype(dtype))
+    return x.to(dtype), prepare_centers(fc, rw, dtype), rw
+
+
+def product_operand(x: Tensor, xp: Tensor) -> Tensor:
+    """The ops return xp = x in the product dtype only when it differs from x (an op output may not alias an
+    input); otherwise xp is empty and x itself is the operand."""
+    return xp if xp.numel() or not x.numel() else x
+
+
+def _own_xp(x: Tensor, xp: Tensor) -> Tensor:
+    return xp if xp.dtype != x.dtype else x.new_empty((0,))
+
+
+@_serialised
+def logits_forward(x: Tensor, fc: Tensor, p: LossParams, dtype: torch.dtype):
+    """(S [N, C], xp, wt, rw)."""
+    from .kernels.forward import softtriple_logits_forward
+
+    xp, wt, rw = _prepare(x, fc, dtype)
+    return softtriple_logits_forward(xp, wt, p), _own_xp(x, xp), wt, rw
+
+
+@_serialised
+def backward(x: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor | None, g: Tensor | None,
+             lse: Tensor | None, dS: Tensor | None, p: LossParams) -> tuple[Tensor, Tensor]:
+    """(dx in the accumulation dtype, dfc in fc.dtype) for x in the product dtype. Loss mode: labels, g [N]
+    (upstream per row), lse. Logits mode: dS [N, C]."""
+    acc = acc_dtype(x.dtype)
+    if dS is not None:
+        dS = dS.to(acc).contiguous()
+    else:
+        g = g.to(acc).contiguous()
+    inv_scale, scale = _grad_scale(x, dS if dS is not None else g, p.la if dS is None else 1.0, p.gamma)
+    if _options["backward"] == "two_kernel":
+        from .kernels.backward_w import softtriple_backward_w
+        from .kernels.backward_x import softtriple_backward_x
+
+        dx = softtriple_backward_x(x, wt, labels, g, lse, dS, p, inv_scale)
+        V, sigma = softtriple_backward_w(x, wt, labels, g, lse, dS, p, inv_scale)
+    else:
+        dx, V, sigma = _chunked_backward(x, wt, labels, g, lse, dS, p, inv_scale)
+    dx = dx.mul_(scale)
+    # through the column normalisation: dfc_j = rw_j (scale V_j - wn_j sigma_j), wn_j = rw_j fc_j
+    f = fc if fc.dtype == acc else fc.to(acc)
+    dfc = V.mul_((rw * scale).unsqueeze(0)).addcmul_(f, (rw * rw * sigma).unsqueeze(0), value=-1.0)
+    return dx, dfc.to(fc.dtype)
+
+
+def _chunked_backward(x, wt, labels, g, lse, dS, p: LossParams, inv_scale):
+    """(dx * inv_scale [N, d], V * inv_scale [d, C*K], sigma [C*K]) in the accumulation dtype."""
+    import triton
+
+    from .kernels.grad_chunk import grad_chunk_tiles, softtriple_grad_chunk
+
+    N, d = x.shape
+    M = wt.shape[0]
+    C = M // p.K
+    acc = acc_dtype(x.dtype)
+    cfg = grad_chunk_tiles(x, wt, p.K)
+    n_tiles = triton.cdiv(C, cfg.block_c)
+    tile_cols = cfg.block_c * p.K
+    per_chunk = max(1, min(n_tiles, _options["chunk_bytes"] // max(1, N * tile_cols * x.element_size())))
+    buf = torch.empty((N, min(M, per_chunk * tile_cols)), dtype=x.dtype, device=x.device)
+    sig = torch.empty((triton.cdiv(N, cfg.block_n), M), dtype=acc, device=x.device)
+    dx = torch.zeros((N, d), dtype=acc, device=x.device)
+    V = torch.empty((d, M), dtype=acc, device=x.device)
+    xt = x.t()
+    for t0 in range(0, n_tiles, per_chunk):
+        t1 = min(n_tiles, t0 + per_chunk)
+        c0, c1 = t0 * tile_cols, min(M, t1 * tile_cols)
+        ds = buf[:, :c1 - c0]
+        softtriple_grad_chunk(x, wt, labels, g, lse, dS, p, t0, t1, inv_scale, ds, sig, cfg)
+        dx += _mm(ds, wt[c0:c1])
+        _mm(xt, ds, out=V[:, c0:c1])
+    return dx, V, sig.sum(dim=0)
