@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ def _check(fc: Tensor, centers_per_class: int, threshold: float) -> int:
     return K
 
 
-def _unit_blocks(fc: Tensor, K: int):
+def _unit_blocks(fc: Tensor, K: int) -> Iterator[tuple[int, Tensor]]:
     """Yields (first class, [b, K, d] fp64 column-normalised centers) over blocks of classes (zero columns stay
     zero, as F.normalize does); a block's [b, K, max(K, d)] temporaries stay near 2^22 elements."""
     d, M = fc.shape

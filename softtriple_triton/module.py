@@ -60,7 +60,7 @@ class SoftTripleLoss(nn.Module):
             ref_emb, ref_labels: a reference set is not supported (ValueError), except the batch itself.
         """
         check_reference_set(embeddings, labels, ref_emb, ref_labels)
-        kwargs = dict(la=self.la, gamma=self.gamma, tau=self.tau, margin=self.margin,
+        kwargs: dict[str, Any] = dict(la=self.la, gamma=self.gamma, tau=self.tau, margin=self.margin,
                       normalize_embeddings=self.normalize_embeddings, backend=self.backend)
         weights = miner_weights(indices_tuple, embeddings)
         if weights is None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._common import acc_dtype
 
+
 def _triton_available() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None

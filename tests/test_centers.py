@@ -37,7 +37,7 @@ def union_find_counts(fc, K, threshold):
     for c in range(fc.shape[1] // K):
         parent = list(range(K))
 
-        def find(i):
+        def find(i, parent=parent):
             while parent[i] != i:
                 i = parent[i]
             return i
