@@ -31,6 +31,8 @@ from torch import Tensor
 
 from ._validation import check_positive_int
 
+__all__ = ["DEFAULT_MERGE_THRESHOLD", "effective_centers", "center_components", "merge_centers"]
+
 DEFAULT_MERGE_THRESHOLD = 0.1
 
 # classes per block so that a block's [classes, K, K] fp64 distances / adjacency stay near 2^22 elements
