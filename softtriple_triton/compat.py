@@ -57,7 +57,7 @@ def miner_weights(indices_tuple: Any, embeddings: Tensor) -> Tensor | None:
     if bool(idx.min() < 0) or bool(idx.max() >= n):
         raise ValueError(f"indices_tuple holds indices outside the batch [0, {n}): min {int(idx.min())}, "
                          f"max {int(idx.max())}")
-    counts = torch.bincount(idx, minlength=n)
+    counts = torch.bincount(idx, minlength=n).to(torch.float64)  # fp64: exact counts, one rounding per weight
     return counts / counts.max()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import softtriple_triton as st
-from conftest import rel_err
+from conftest import TRITON_DEVICE, loss_and_grads, rel_err
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import distances, miners, reducers, regularizers  # noqa: E402
@@ -76,6 +76,22 @@ def test_mined_tuples_weight_samples_as_pml_does(miner, tau):
     assert rel_err(gxo, gxp) < 1e-5 and rel_err(gwo, gwp) < 1e-5
     if miner == "handmade":  # and the weighting changes the loss (the test could fail if the tuple were ignored)
         assert rel_err(ours(x, y), lo) > 1e-2
+
+
+@pytest.mark.parametrize("backend,device", [("triton", TRITON_DEVICE), ("reference", "cpu"), ("torch", "cpu")])
+def test_mined_tuples_on_every_backend(backend, device):
+    """The weighted path (per-sample rows, weights, reduction, regulariser) against the fp64 plain formula."""
+    C, K, d, N = 5, 3, 8, 12
+    x, y = batch(N, d, C, 11, torch.float64)
+    t = (torch.tensor([0, 0, 1, 7]), torch.tensor([2, 3, 3, 7]), torch.tensor([4, 4, 9, 7]))
+    ours = st.SoftTripleLoss(C, d, K, tau=0.3, backend=backend).double().to(device)
+    w = torch.bincount(torch.cat(t), minlength=N).double()
+    w = w / w.max()
+    fc = ours.fc.detach().cpu()
+    want = loss_and_grads(lambda a, b: (st.reference_softtriple_loss(a, b, y, K, tau=0.0, reduction="none") * w).mean()
+                          + 0.3 * st.reference_regularizer(b, K), x, fc)
+    lo, gxo, gwo = value_and_grads(ours, x.to(device), y.to(device), tuple(i.to(device) for i in t))
+    assert rel_err(lo, want[0]) < 1e-12 and rel_err(gxo, want[1]) < 1e-12 and rel_err(gwo, want[2]) < 1e-12
 
 
 def test_mined_tuples_with_sum_and_none_reductions():
