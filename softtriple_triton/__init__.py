@@ -1,12 +1,11 @@
 """softtriple-triton: exact, memory-bounded SoftTriple loss with fused Triton kernels and a fast CPU path."""
 
+from ._version import __version__ as __version__
 from .cpu import set_memory_budget
 from .functional import softtriple_logits, softtriple_loss
 from .module import SoftTripleLoss
 from .reference import reference_logits, reference_regularizer, reference_softtriple_loss
 from .regularizer import center_regularizer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SoftTripleLoss",

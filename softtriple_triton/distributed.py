@@ -37,7 +37,7 @@ runs on gloo (CPU) and NCCL (CUDA).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,7 @@ def _regularizer(fc: torch.Tensor, K: int, backend: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def class_split_bounds(num_classes: int, world_size: int,
-                       class_split: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
+                       class_split: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """``[(start, end)]`` per rank: the contiguous class slice each rank owns.
 
     ``class_split=None`` splits as evenly as possible (the first ``num_classes % world_size`` ranks
@@ -159,7 +159,7 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
-def gather_rows(x: torch.Tensor, group=None, sizes: Optional[list[int]] = None,
+def gather_rows(x: torch.Tensor, group=None, sizes: list[int] | None = None,
                 grad_scale: float = 1.0) -> torch.Tensor:
     """Autograd-aware all_gather along dim 0 (per-rank sizes may differ).
 
@@ -307,7 +307,7 @@ class ShardedSoftTripleLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, centers_per_class: int = 10,
                  la: float = 20.0, gamma: float = 0.1, tau: float = 0.2, margin: float = 0.01,
                  normalize_embeddings: bool = True, reduction: str = "mean", backend: str = "auto",
-                 group=None, class_split: Optional[Sequence[int]] = None,
+                 group=None, class_split: Sequence[int] | None = None,
                  embedding_grad_scale: float = 1.0, check_labels: bool = True,
                  device=None, dtype=None):
         super().__init__()

@@ -152,9 +152,11 @@ def test_bad_tensors(case, exc, pattern):
     x, w, y = _good()
     K = 2
     if case == "labels_out_of_range":
-        y = y.clone(); y[3] = 4
+        y = y.clone()
+        y[3] = 4
     elif case == "labels_negative":
-        y = y.clone(); y[0] = -1
+        y = y.clone()
+        y[0] = -1
     elif case == "labels_float":
         y = y.float()
     elif case == "labels_bool":

@@ -61,7 +61,6 @@ def test_plots_and_summary_written(smoke):
 def test_baselines_compute_the_reference_loss():
     """The benchmark's eager baseline (precomputed pair indices) and its PML wiring (+ SparseCentersRegularizer,
     weight tau) compute the same loss as softtriple_triton.reference, with and without the regulariser."""
-    import torch
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import providers as P
     from softtriple_triton.reference import reference_softtriple_loss

@@ -318,7 +318,7 @@ def run_group(world, cases, backends, outdir, pg_backend="gloo", device_kind="cp
         p.join(5)
     errs = [open(os.path.join(outdir, f)).read() for f in sorted(os.listdir(outdir)) if f.endswith(".err")]
     if errs or failed or timed_out:
-        msg = "timed out after %ss" % timeout if timed_out else "a rank failed"
+        msg = f"timed out after {timeout}s" if timed_out else "a rank failed"
         pytest.fail(f"process group of {world}: {msg}\n" + "\n".join(errs))
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
