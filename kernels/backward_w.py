@@ -12,9 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, plan_launch, \
-    target_of, upstream_args
 from .._common import LossParams
+from .config import (
+    acc_dtype,
+    check_operands,
+    choose_tiles,
+    hyper_tensor,
+    kernel_meta,
+    launch,
+    plan_launch,
+    target_of,
+    upstream_args,
+)
 from .tiles import group_lanes, load_hyper, tile_grads, to_operand
 
 
@@ -65,12 +74,12 @@ def softtriple_bwd_w_kernel(
             K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION, LOGITS)
         rows64 = rows.to(tl.int64)
         sigA += tl.sum(dsA * sA, axis=0)
-        _add_product(dw_split, M, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask, colsA, validA, d,
-                     stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
+        _add_product(dw_split, M, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask,
+                     colsA, validA, d, stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
         if KB > 0:
             sigB += tl.sum(dsB * sB, axis=0)
-            _add_product(dw_split, M, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask, colsB, validB, d,
-                         stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
+            _add_product(dw_split, M, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask,
+                         colsB, validB, d, stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
 
     colsA, validA, _ = group_lanes(pid_t * BLOCK_C, C, K, 0, KA, BLOCK_C)
     tl.store(sig_ptr + pid_s.to(tl.int64) * M + colsA, sigA, mask=validA)

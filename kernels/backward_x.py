@@ -13,9 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, plan_launch, \
-    target_of, upstream_args
 from .._common import LossParams
+from .config import (
+    acc_dtype,
+    check_operands,
+    choose_tiles,
+    hyper_tensor,
+    kernel_meta,
+    launch,
+    plan_launch,
+    target_of,
+    upstream_args,
+)
 from .tiles import load_hyper, tile_grads, to_operand
 
 
@@ -61,11 +70,11 @@ def softtriple_bwd_x_kernel(
             x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, t * BLOCK_C, C, d,
             la, inv_gamma, margin, stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
             K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION, LOGITS)
-        _add_product(dx_rows, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsA, validA, row_mask, d,
-                     stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
+        _add_product(dx_rows, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsA, validA,
+                     row_mask, d, stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
         if KB > 0:
-            _add_product(dx_rows, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsB, validB, row_mask, d,
-                         stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
+            _add_product(dx_rows, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsB, validB,
+                         row_mask, d, stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
 
 
 def softtriple_backward_x(x, wt, labels, g, lse, dS, p: LossParams, inv_scale: torch.Tensor,

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, plan_launch, \
-    target_of
 from .._common import LossParams
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, plan_launch, target_of
 from .tiles import class_logits, load_hyper, tile_similarity
 
 

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, upstream_args
 from .._common import LossParams
+from .config import acc_dtype, check_operands, choose_tiles, hyper_tensor, kernel_meta, launch, upstream_args
 from .tiles import load_hyper, tile_grads, to_operand
 
 

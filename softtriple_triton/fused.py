@@ -150,9 +150,11 @@ def backward(x: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor | Non
     acc = acc_dtype(x.dtype)
     if dS is not None:
         dS = dS.to(acc).contiguous()
+        inv_scale, scale = _grad_scale(x, dS, 1.0, p.gamma)
     else:
+        assert g is not None, "loss mode needs the upstream gradient g"
         g = g.to(acc).contiguous()
-    inv_scale, scale = _grad_scale(x, dS if dS is not None else g, p.la if dS is None else 1.0, p.gamma)
+        inv_scale, scale = _grad_scale(x, g, p.la, p.gamma)
     if _options["backward"] == "two_kernel":
         from .kernels.backward_w import softtriple_backward_w
         from .kernels.backward_x import softtriple_backward_x

@@ -29,7 +29,6 @@ from . import fused
 from ._common import LossParams, acc_dtype
 
 
-
 def _triton_available() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None

@@ -12,8 +12,7 @@ from conftest import TRITON_DEVICE, make_inputs, rel_err
 from softtriple_triton._common import LossParams
 from softtriple_triton.kernels.backward_w import softtriple_backward_w
 from softtriple_triton.kernels.backward_x import softtriple_backward_x
-from softtriple_triton.kernels.config import (check_operands, classes_per_tile, lane_efficiency, lane_groups,
-                                              tile_config)
+from softtriple_triton.kernels.config import check_operands, classes_per_tile, lane_efficiency, lane_groups, tile_config
 from softtriple_triton.kernels.forward import softtriple_forward, softtriple_logits_forward
 from softtriple_triton.kernels.grad_chunk import grad_chunk_tiles, softtriple_grad_chunk
 from softtriple_triton.kernels.prepare import prepare_centers
