@@ -1,5 +1,4 @@
-"""Two-kernel backward, centers half: dL/dwn_j = sum_i ds_ij x_i and sigma_j = sum_i ds_ij s_ij (selectable for
-comparison with the chunked default).
+"""Two-kernel backward, centers half: dL/dwn_j = sum_i ds_ij x_i (selectable for comparison with the default).
 
 Grid: (class tiles, row splits). A program owns one tile of columns of one split's partial gradient, walks that
 split's row blocks in order and recomputes every tile from the inputs and the saved per-row log-sum-exp.
@@ -44,7 +43,7 @@ def _add_product(dw_split, M, ds, x_ptr, rows64, row_mask, cols, valid, d, strid
 
 @triton.jit
 def softtriple_bwd_w_kernel(
-    x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, hp_ptr, scale_ptr, dw_ptr, sig_ptr,
+    x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, hp_ptr, scale_ptr, dw_ptr,
     N, d, C, M, n_row_blocks, blocks_per_split,
     stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
     K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
@@ -58,42 +57,35 @@ def softtriple_bwd_w_kernel(
     la, inv_gamma, margin = load_hyper(hp_ptr)
     inv_scale = tl.load(scale_ptr).to(ACC_DTYPE)
 
-    # partials of this split: dw [n_splits, d, M] and sigma [n_splits, M], contiguous, ACC_DTYPE
+    # partial of this split: dw [n_splits, d, M], contiguous, ACC_DTYPE
     dw_split = dw_ptr + pid_s.to(tl.int64) * d * M
-    sigA = tl.zeros((BLOCK_C * KA,), ACC_DTYPE)
-    sigB = tl.zeros((BLOCK_C * KBX,), ACC_DTYPE)
+    c0 = pid_t * BLOCK_C
+    colsA, validA = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+    colsB, validB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
 
     b_begin = pid_s * blocks_per_split
     b_end = tl.minimum(b_begin + blocks_per_split, n_row_blocks)
     for b in range(b_begin, b_end):
         rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        colsA, validA, sA, dsA, colsB, validB, sB, dsB = tile_grads(
-            x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, pid_t * BLOCK_C, C, d,
+        _, dsA3, _, dsB3 = tile_grads(
+            x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, C, d,
             la, inv_gamma, margin, stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
             K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION, LOGITS)
         rows64 = rows.to(tl.int64)
-        sigA += tl.sum(dsA * sA, axis=0)
+        dsA = tl.reshape(dsA3, (BLOCK_N, BLOCK_C * KA))
         _add_product(dw_split, M, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask,
                      colsA, validA, d, stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
         if KB > 0:
-            sigB += tl.sum(dsB * sB, axis=0)
+            dsB = tl.reshape(dsB3, (BLOCK_N, BLOCK_C * KB))
             _add_product(dw_split, M, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), x_ptr, rows64, row_mask,
                          colsB, validB, d, stride_xn, stride_xd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
-
-    colsA, validA, _ = group_lanes(pid_t * BLOCK_C, C, K, 0, KA, BLOCK_C)
-    tl.store(sig_ptr + pid_s.to(tl.int64) * M + colsA, sigA, mask=validA)
-    if KB > 0:
-        colsB, validB, _ = group_lanes(pid_t * BLOCK_C, C, K, KA, KBX, BLOCK_C)
-        tl.store(sig_ptr + pid_s.to(tl.int64) * M + colsB, sigB, mask=validB)
 
 
 def softtriple_backward_w(x, wt, labels, g, lse, dS, p: LossParams, inv_scale: torch.Tensor,
                           splits: int | None = None, lanes: int | None = None):
-    """(dL/dwn * inv_scale [d, C*K], sigma [C*K]) in the accumulation dtype; same modes as softtriple_backward_x.
-
-    dL/dwn is the gradient with respect to the normalised centers (column j = center j); sigma_j = sum_i ds_ij s_ij
-    (unscaled) is wn_j . dL/dwn_j, the term of the column normalisation's own backward."""
+    """dL/dwn * inv_scale [d, C*K] in the accumulation dtype, the gradient with respect to the normalised centers
+    (column j = center j); same modes as softtriple_backward_x."""
     K = p.K
     check_operands(x, wt, K)
     N, d = x.shape
@@ -107,15 +99,12 @@ def softtriple_backward_w(x, wt, labels, g, lse, dS, p: LossParams, inv_scale: t
     def run(cfg):
         plan = plan_launch(N, C, cfg, target, splits, loop_over_rows=True)
         dw = torch.zeros((plan.n_splits, d, M), dtype=acc, device=x.device)
-        sig = torch.zeros((plan.n_splits, M), dtype=acc, device=x.device)
         if N > 0 and M > 0:
             launch(softtriple_bwd_w_kernel, (plan.n_tiles, plan.n_splits),
-                   x, wt, y, g, lse, ds_arg, hp, inv_scale, dw, sig,
+                   x, wt, y, g, lse, ds_arg, hp, inv_scale, dw,
                    N, d, C, M, plan.n_row_blocks, plan.per_split,
                    x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), sdn, sdc,
                    LOGITS=logits, **kernel_meta(cfg, x.dtype, K, grad=True))
-        if plan.n_splits == 1:
-            return dw[0], sig[0]
-        return dw.sum(dim=0), sig.sum(dim=0)
+        return dw[0] if plan.n_splits == 1 else dw.sum(dim=0)
 
     return run(choose_tiles("backward_w", x, wt.shape[0], K, lanes, run))

@@ -25,7 +25,7 @@ from .config import (
     target_of,
     upstream_args,
 )
-from .tiles import load_hyper, tile_grads, to_operand
+from .tiles import group_lanes, load_hyper, tile_grads, to_operand
 
 
 @triton.jit
@@ -66,13 +66,18 @@ def softtriple_bwd_x_kernel(
     t_begin = pid_s * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
     for t in range(t_begin, t_end):
-        colsA, validA, _, dsA, colsB, validB, _, dsB = tile_grads(
-            x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, t * BLOCK_C, C, d,
+        c0 = t * BLOCK_C
+        _, dsA3, _, dsB3 = tile_grads(
+            x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, C, d,
             la, inv_gamma, margin, stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
             K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION, LOGITS)
+        colsA, validA = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+        dsA = tl.reshape(dsA3, (BLOCK_N, BLOCK_C * KA))
         _add_product(dx_rows, to_operand(dsA * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsA, validA,
                      row_mask, d, stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
         if KB > 0:
+            colsB, validB = group_lanes(c0, C, K, KA, KB, BLOCK_C)
+            dsB = tl.reshape(dsB3, (BLOCK_N, BLOCK_C * KB))
             _add_product(dx_rows, to_operand(dsB * inv_scale, GRAD_DTYPE, EMULATE_BF16), w_ptr, colsB, validB,
                          row_mask, d, stride_wm, stride_wd, BLOCK_D, GRAD_DTYPE, ACC_DTYPE, PRECISION)
 

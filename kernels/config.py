@@ -19,7 +19,13 @@ import triton.language as tl
 
 from .._common import TRITON_MAX_CENTERS_PER_CLASS as MAX_CENTERS_PER_CLASS
 from .._common import acc_dtype, interpreting  # noqa: F401  (re-exported to the kernel files)
-from .target import Target, launch, simulated, target_of  # noqa: F401
+from .target import Target, capturing, launch, simulated, target_of  # noqa: F401
+
+
+def emulating() -> bool:
+    """Kernels run through Triton's interpreter: TRITON_INTERPRET is set and launches are not being captured for
+    ahead-of-time compilation (target.simulate)."""
+    return interpreting() and not capturing()
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -52,7 +58,7 @@ def dot_dtype(dt: torch.dtype) -> torch.dtype:
     """Operand dtype of the similarity dots for operands stored in ``dt`` (embeddings and prepared centers share
     it). bf16 is upcast to fp32 under the interpreter, which multiplies raw bf16 bit patterns (triton issue
     11584): the products of bf16 values are exact in fp32, so the emulation computes what the tensor core does."""
-    if dt == torch.bfloat16 and interpreting():
+    if dt == torch.bfloat16 and emulating():
         return torch.float32
     return dt
 
@@ -60,7 +66,7 @@ def dot_dtype(dt: torch.dtype) -> torch.dtype:
 def dot_precision(dt: torch.dtype) -> str:
     """fp32 dots follow torch.get_float32_matmul_precision() as torch.mm does on CUDA: "highest" -> IEEE fp32,
     "high" / "medium" -> TF32. Other dtypes: "ieee" (ignored for 16-bit operands, exact for fp64)."""
-    if dt == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
+    if dt == torch.float32 and not emulating() and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
@@ -102,11 +108,12 @@ class TileRule:
 
 # Defaults chosen from the compiled-code sweep (bench/gpu_static.py --sweep; bench/results/gpu-static/sweep.csv):
 # tensor-core friendly tiles without register spills on sm_90 and sm_80. Keys: (kernel, arch family, dtype
-# class). "forward" also serves the logits; "grad" is the dL/ds chunk kernel; backward_x/backward_w the
-# two-kernel backward.
+# class). "forward" also serves the logits; "forward_cache" is the forward that also stores the gradient factor;
+# "grad" the dL/ds chunk kernel; backward_x/backward_w the two-kernel backward.
 _R = TileRule
 TILE_RULES: dict[tuple[str, str, str], TileRule] = {}
-for _kind in ("forward", "grad", "backward_x", "backward_w"):
+KERNEL_KINDS = ("forward", "forward_cache", "grad", "backward_x", "backward_w")
+for _kind in KERNEL_KINDS:
     for _arch in ("sm90", "sm80", "gfx9"):
         TILE_RULES[(_kind, _arch, "mma16")] = _R(64, 128, 64, 4, 3)
         TILE_RULES[(_kind, _arch, "tf32")] = _R(64, 128, 32, 4, 3)
@@ -123,14 +130,18 @@ def arch_family(target: Target) -> str:
 
 def classes_per_tile(K: int, C: int, lanes: int) -> int:
     """Largest power of two BLOCK_C with BLOCK_C * (KA + KB) <= 1.25 * lanes, within the tl.dot minimum of 16
-    columns per group, and no more than C needs."""
+    columns per group and no more than C needs; halved (down to that minimum) while the last tile's padded
+    classes are more than 5% of C (C=100, K=10: 8 classes per tile, 104 computed, not 16 and 112)."""
     ka, kb = lane_groups(K)
+    smallest = 1
+    while smallest * min(ka, kb or ka) < 16:
+        smallest *= 2
     bc = 1
     while 2 * bc * (ka + kb) <= 1.25 * lanes:
         bc *= 2
-    bc = min(bc, triton.next_power_of_2(max(C, 1)))
-    while bc * min(ka, kb or ka) < 16:
-        bc *= 2
+    bc = max(smallest, min(bc, triton.next_power_of_2(max(C, 1))))
+    while bc // 2 >= smallest and triton.cdiv(C, bc) * bc - C > 0.05 * C:
+        bc //= 2
     return bc
 
 
@@ -209,14 +220,20 @@ class LaunchPlan:
     per_split: int  # loop iterations (class tiles, or row blocks for the centers' backward) per split
 
 
+PROGRAMS_PER_SM = 8
+
+
 def split_count(programs: int, work_items: int, target: Target, splits: int | None) -> int:
-    """How many independent splits of the loop dimension to launch so the GPU is full (about two programs per
-    SM). Each split writes its own partial result, reduced afterwards in a fixed order (deterministic)."""
+    """How many independent splits of the loop dimension to launch so the GPU is full: about PROGRAMS_PER_SM
+    programs per SM, so that the last, partial wave costs little: with W = programs / resident slots, the idle
+    fraction of the last wave is (ceil(W) - W) / ceil(W), e.g. 320 programs on 132 SMs x 2 resident programs
+    (W = 1.21) leave 40% of the second wave idle. Each split writes its own partial result, reduced afterwards in
+    a fixed order (deterministic)."""
     if splits is not None:
         return max(1, min(int(splits), work_items))
     if target.backend == "interpreter":
         return 1
-    want = math.ceil(2 * target.sms / max(programs, 1))
+    want = math.ceil(PROGRAMS_PER_SM * target.sms / max(programs, 1))
     return max(1, min(want, work_items))
 
 
@@ -248,7 +265,7 @@ def kernel_meta(cfg: TileConfig, dt: torch.dtype, K: int, grad: bool = False) ->
 
 def emulate_bf16(dt: torch.dtype) -> bool:
     """Under the interpreter, bf16 roundings are done by tiles.to_operand (the interpreter truncates)."""
-    return dt == torch.bfloat16 and interpreting()
+    return dt == torch.bfloat16 and emulating()
 
 
 def upstream_args(labels, g, lse, dS, N: int, C: int, acc: torch.dtype, device: torch.device):
@@ -279,7 +296,7 @@ def check_operands(x: torch.Tensor, wt: torch.Tensor, K: int) -> None:
         raise TypeError(f"x and wt must share the product dtype, got {x.dtype} and {wt.dtype}")
     if x.device != wt.device:
         raise ValueError(f"x and wt on different devices: {x.device}, {wt.device}")
-    if x.device.type == "cpu" and not interpreting():
+    if x.device.type == "cpu" and not emulating():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing triton); "
                            "use backend='torch' for the fast CPU path")
 
@@ -289,8 +306,8 @@ def hyper_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tens
     argument is passed as fp32). Cached: creating a CUDA tensor from host values is a blocking copy, so only the
     first call with given values pays it, not every training step. The cached tensors are never written."""
     values = tuple(float(v) for v in values)
-    if simulated() is not None:  # fake tensors of a capture must not enter the cache
-        return torch.tensor(values, dtype=dtype, device=device)
+    if capturing():  # fake tensors: only the dtype matters, and nothing enters the cache
+        return torch.empty((len(values),), dtype=dtype, device=device)
     return _hyper_tensor(values, dtype, torch.device(device))
 
 

@@ -42,6 +42,11 @@ def simulated() -> Target | None:
     return getattr(_state, "target", None)
 
 
+def capturing() -> bool:
+    """Launches are recorded, not run (simulate with record=True): the tensors are fakes."""
+    return simulated() is not None and getattr(_state, "records", None) is not None
+
+
 def target_of(device: torch.device) -> Target:
     sim = simulated()
     if sim is not None:
@@ -55,10 +60,13 @@ def target_of(device: torch.device) -> Target:
 
 
 @contextlib.contextmanager
-def simulate(target: Target):
-    """Plan launches for ``target`` and record them (kernel, grid, args, kwargs) instead of running them."""
+def simulate(target: Target, record: bool = True):
+    """Plan launches for ``target`` and record them (kernel, grid, args, kwargs) instead of running them.
+
+    record=False: plan for ``target`` but run the launches (through the interpreter): the tiles and splits of that
+    GPU, executed on CPU tensors (bench/flops.py counts the matrix work of the GPU's launch plan this way)."""
     old_t, old_r = simulated(), getattr(_state, "records", None)
-    _state.target, _state.records = target, []
+    _state.target, _state.records = target, ([] if record else None)
     try:
         yield _state.records
     finally:
@@ -67,8 +75,7 @@ def simulate(target: Target):
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), or a recorded launch under ``simulate``."""
-    records = getattr(_state, "records", None)
-    if records is not None and simulated() is not None:
-        records.append((kernel, tuple(grid), args, kwargs))
+    if capturing():
+        _state.records.append((kernel, tuple(grid), args, kwargs))
         return
     kernel[grid](*args, **kwargs)

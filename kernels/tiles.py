@@ -18,15 +18,12 @@ import triton.language as tl
 
 @triton.jit
 def group_lanes(c0, C, K: tl.constexpr, K0: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows of wt (int64), validity, and k-validity of the BLOCK_C*KW lanes of one lane group (centers K0 ..
-    K0+KW-1 of classes c0 .. c0+BLOCK_C-1)."""
+    """Rows of wt (int64) and validity of the BLOCK_C*KW lanes of one lane group (centers K0 .. K0+KW-1 of classes
+    c0 .. c0+BLOCK_C-1), for the operand loads of the dots."""
     lanes = tl.arange(0, BLOCK_C * KW)
     cls = c0 + lanes // KW
     k = K0 + lanes % KW
-    k_valid = k < K
-    valid = (cls < C) & k_valid
-    cols = cls.to(tl.int64) * K + k
-    return cols, valid, k_valid
+    return cls.to(tl.int64) * K + k, (cls < C) & (k < K)
 
 
 @triton.jit
@@ -56,38 +53,51 @@ def similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB,
 
 
 @triton.jit
-def inner_softmax(sA, sB, kvalidB, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KA: tl.constexpr,
-                  KB: tl.constexpr, HAS_B: tl.constexpr):
+def group_cells(c0, C, K: tl.constexpr, K0: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The lanes of one group as a [BLOCK_C, KW] (class, center) grid: rows of wt (int64) and validity. The
+    epilogues work on [BLOCK_N, BLOCK_C, KW] views of the accumulators and address memory through this grid."""
+    c = c0 + tl.arange(0, BLOCK_C)[:, None]
+    k = K0 + tl.arange(0, KW)[None, :]
+    valid = (c < C) & (k < K)
+    return c.to(tl.int64) * K + k, valid
+
+
+@triton.jit
+def inner_softmax(sA, sB, inv_gamma, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                  KA: tl.constexpr, KB: tl.constexpr, HAS_B: tl.constexpr):
     """Softmax over the K centers of each class at temperature gamma, across both lane groups.
 
-    Returns the unnormalised weights eA [BLOCK_N, BLOCK_C, KA] and eB (exp((s - max_k s) / gamma)), their
-    reciprocal sum rden [BLOCK_N, BLOCK_C] and the relaxed similarity S = sum_k p s [BLOCK_N, BLOCK_C]
-    (p = e * rden). K == 1 needs no softmax: e = 1, rden = 1, S = s.
+    sA [BLOCK_N, BLOCK_C * KA], sB [BLOCK_N, BLOCK_C * KB]: the cosines of the two groups. Returns their
+    [BLOCK_N, BLOCK_C, K*] views sA3, sB3, the unnormalised weights eA3, eB3 = exp((s - max_k s) / gamma) (0 on
+    padded lanes), the reciprocal of their sum rden and the relaxed similarity S = sum_k p s ([BLOCK_N, BLOCK_C],
+    p = e * rden). Each accumulator is reshaped once; everything after stays in three dimensions, so no layout
+    conversion of a whole tile is needed. K == 1 needs no softmax: e = 1, rden = 1, S = s.
     """
     sA3 = tl.reshape(sA, (BLOCK_N, BLOCK_C, KA))
+    sB3 = tl.reshape(sB, (BLOCK_N, BLOCK_C, KB))
     if KA == 1 and not HAS_B:
-        eA = tl.full((BLOCK_N, BLOCK_C, KA), 1.0, sA.dtype)
-        eB = sB
+        eA3 = tl.full((BLOCK_N, BLOCK_C, KA), 1.0, sA.dtype)
+        eB3 = sB3
         rden = tl.full((BLOCK_N, BLOCK_C), 1.0, sA.dtype)
-        S = tl.reshape(sA, (BLOCK_N, BLOCK_C))
+        S = tl.sum(sA3, axis=2)
     else:
         tA = sA3 * inv_gamma
         m = tl.max(tA, axis=2)
         if HAS_B:
-            tB = tl.reshape(tl.where(kvalidB[None, :], sB * inv_gamma, float("-inf")), (BLOCK_N, BLOCK_C, KB))
+            kB = KA + tl.arange(0, KB)
+            tB = tl.where((kB < K)[None, None, :], sB3 * inv_gamma, float("-inf"))
             m = tl.maximum(m, tl.max(tB, axis=2))
-        eA = tl.exp(tA - m[:, :, None])
-        den = tl.sum(eA, axis=2)
-        num = tl.sum(eA * sA3, axis=2)
-        eB = sB
+        eA3 = tl.exp(tA - m[:, :, None])
+        den = tl.sum(eA3, axis=2)
+        num = tl.sum(eA3 * sA3, axis=2)
+        eB3 = sB3
         if HAS_B:
             eB3 = tl.exp(tB - m[:, :, None])
             den += tl.sum(eB3, axis=2)
-            num += tl.sum(eB3 * tl.reshape(sB, (BLOCK_N, BLOCK_C, KB)), axis=2)
-            eB = tl.reshape(eB3, (BLOCK_N, BLOCK_C * KB))
+            num += tl.sum(eB3 * sB3, axis=2)
         rden = 1.0 / den
         S = num * rden
-    return eA, eB, rden, S
+    return sA3, sB3, eA3, eB3, rden, S
 
 
 @triton.jit
@@ -120,12 +130,10 @@ def class_logits(S, cls, cls_valid, y, la, margin):
 
 
 @triton.jit
-def lane_grad(gw, e3, s, S, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, KW: tl.constexpr):
-    """dL/ds of one lane group, [BLOCK_N, BLOCK_C * KW]: gw * e * (1 + (s - S) / gamma), where gw = dL/dS * rden
+def lane_grad(gw, e3, s3, S, inv_gamma):
+    """dL/ds of one lane group, [BLOCK_N, BLOCK_C, KW]: gw * e * (1 + (s - S) / gamma), where gw = dL/dS * rden
     [BLOCK_N, BLOCK_C] (dS/ds = p (1 + (s - S) / gamma), p = e * rden)."""
-    s3 = tl.reshape(s, (BLOCK_N, BLOCK_C, KW))
-    coef = gw[:, :, None] * e3 * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
-    return tl.reshape(coef, (BLOCK_N, BLOCK_C * KW))
+    return gw[:, :, None] * e3 * (1.0 + (s3 - S[:, :, None]) * inv_gamma)
 
 
 @triton.jit
@@ -157,26 +165,26 @@ def tile_grads(x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, 
                K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                PRECISION: tl.constexpr, LOGITS: tl.constexpr):
-    """Recompute the tile from the inputs and return dL/ds per lane group with their rows of wt and the cosines:
-    (colsA, validA, sA, dsA, colsB, validB, sB, dsB); the group-B values are dummies when KB == 0."""
+    """Recompute the tile from the inputs and return, per lane group, the cosines and dL/ds as
+    [BLOCK_N, BLOCK_C, K*] tensors: (sA3, dsA3, sB3, dsB3); the group-B values are dummies when KB == 0 and 0 on
+    padded lanes."""
     HAS_B: tl.constexpr = KB > 0
     KBX: tl.constexpr = KB if KB > 0 else 1
-    colsA, validA, _ = group_lanes(c0, C, K, 0, KA, BLOCK_C)
-    colsB, validB, kvB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
+    colsA, validA = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+    colsB, validB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
     sA, sB = similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
                               stride_xn, stride_xd, stride_wm, stride_wd,
                               BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
-    eA, eB, rden, S = inner_softmax(sA, sB, kvB, inv_gamma, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
+    sA3, sB3, eA3, eB3, rden, S = inner_softmax(sA, sB, inv_gamma, K, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
     cls = c0 + tl.arange(0, BLOCK_C)
     gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
                        stride_dsn, stride_dsc, la, margin, LOGITS)
     gw = gS * rden
-    dsA = lane_grad(gw, eA, sA, S, inv_gamma, BLOCK_N, BLOCK_C, KA)
-    dsB = dsA
+    dsA3 = lane_grad(gw, eA3, sA3, S, inv_gamma)
+    dsB3 = dsA3
     if HAS_B:
-        dsB = lane_grad(gw, tl.reshape(eB, (BLOCK_N, BLOCK_C, KBX)), sB, S, inv_gamma, BLOCK_N, BLOCK_C, KBX)
-        dsB = tl.where(validB[None, :], dsB, 0.0)
-    return colsA, validA, sA, dsA, colsB, validB, sB, dsB
+        dsB3 = lane_grad(gw, eB3, sB3, S, inv_gamma)
+    return sA3, dsA3, sB3, dsB3
 
 
 @triton.jit
@@ -184,13 +192,13 @@ def tile_similarity(x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma, stride_xn
                     K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The relaxed similarity S [BLOCK_N, BLOCK_C] of the tile starting at class c0, recomputed from the inputs."""
+    """The tile starting at class c0, recomputed from the inputs: (sA3, sB3, eA3, eB3, rden, S) of inner_softmax
+    (S: the relaxed similarity [BLOCK_N, BLOCK_C]; the rest is dead code unless the caller uses it)."""
     HAS_B: tl.constexpr = KB > 0
     KBX: tl.constexpr = KB if KB > 0 else 1
-    colsA, validA, _ = group_lanes(c0, C, K, 0, KA, BLOCK_C)
-    colsB, validB, kvB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
+    colsA, validA = group_lanes(c0, C, K, 0, KA, BLOCK_C)
+    colsB, validB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
     sA, sB = similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
                               stride_xn, stride_xd, stride_wm, stride_wd,
                               BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
-    _, _, _, S = inner_softmax(sA, sB, kvB, inv_gamma, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
-    return S
+    return inner_softmax(sA, sB, inv_gamma, K, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)

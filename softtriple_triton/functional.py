@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,11 +30,27 @@ def product_dtype(emb_dtype: torch.dtype, fc_dtype: torch.dtype, device_type: st
     """
     if torch.float64 in (emb_dtype, fc_dtype):
         return torch.float64
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_on(device_type):
         return torch.get_autocast_dtype(device_type)
     if emb_dtype in (torch.float16, torch.bfloat16) and fc_dtype in (emb_dtype, torch.float32):
         return emb_dtype
     return torch.promote_types(emb_dtype, fc_dtype)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return False
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled inside the loss (the fused paths choose their own product dtype), where the device type
+    has autocast at all."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: torch.dtype) -> Tensor:
@@ -76,13 +94,14 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     acc = acc_dtype(embeddings.dtype, fc.dtype)
 
     prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    with _autocast_off(embeddings.device.type):
         if be == "reference":
             return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
                                              normalize_embeddings, reduction)
         if be == "triton":
             x = _normalized_rows(embeddings, acc, normalize_embeddings, acc)
-            rows = ops.loss_op(x, fc, labels, K, la, gamma, margin, prod)[0]
+            keep = torch.is_grad_enabled() and (embeddings.requires_grad or fc.requires_grad)
+            rows = ops.loss_op(x, fc, labels, K, la, gamma, margin, prod, keep)[0]
         else:
             x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings,
                                  acc)
@@ -109,7 +128,7 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     acc = acc_dtype(embeddings.dtype, fc.dtype)
     gamma = float(gamma)
     prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    with _autocast_off(embeddings.device.type):
         if be == "reference":
             return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
         if be == "triton":

@@ -1,19 +1,23 @@
 """Host side of the fused (Triton) backend: what each torch.library op of ops.py does (layer 2).
 
 Forward: inverse column norms rw of the centers, the prepared centers wt = (fc * rw).T in the product dtype
-(kernels/prepare.py), then the forward kernel (one GEMM-equivalent). Both rw and wt are outputs of the op, saved
-for the backward.
+(kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the op, saved for
+the backward. When gradients are wanted and the factor cache fits ``cache_bytes``, the forward also stores the
+gradient factor a = p (1 + (s - S) / gamma) per lane and the class logits z (kernels/forward.py, CACHE).
 
-Backward, "chunked" (the default; 3 GEMM-equivalents, 4 per step with the forward): for each chunk of whole class
-tiles, the dL/ds kernel recomputes the tile once and writes dL/ds for the chunk [N, chunk] (bounded by
-``chunk_bytes``); two library products follow, dx += ds @ wt[chunk] (accumulated in fp32 across chunks) and
-dL/dwn[:, chunk] = x^T @ ds (disjoint columns). Deterministic: no atomics, fixed reduction orders.
-"two_kernel" (selectable for comparison; 4 GEMM-equivalents, 5 per step): the embeddings' and the centers'
-gradient kernels each recompute every tile.
-
-Both end with the column normalisation's backward, dfc_j = rw_j (V_j - wn_j sigma_j) with V = dL/dwn and
-sigma_j = wn_j . V_j = sum_i ds_ij s_ij from the kernels, in the accumulation dtype: no normalised fp32 copy of
-the centers and no autograd through the normalisation.
+Backward, three paths (docs/design.md has the cost model that chose them):
+  "cached"     (default when the forward cached; 2 GEMM-equivalents, 3 per step): dL/ds = dL/dS * a in one
+               memory-bound pass over the cache (kernels/grad_cached.py), then the two library products
+               dx = ds @ wt and dL/dwn = x^T @ ds.
+  "chunked"    (default otherwise; 3 GEMM-equivalents, 4 per step): for each chunk of whole class tiles, the dL/ds
+               kernel recomputes the tiles once and writes dL/ds for the chunk [N, chunk] (bounded by
+               ``chunk_bytes``); the two library products follow, dx accumulated in fp32 across chunks and
+               dL/dwn[:, chunk] written to disjoint columns.
+  "two_kernel" (selectable for comparison; 4 GEMM-equivalents, 5 per step): the embeddings' and the centers'
+               gradient kernels each recompute every tile.
+All are deterministic (no atomics, fixed reduction orders) and end with the column normalisation's backward
+(kernels/center_grad.py, dfc = rw (V - wn (wn . V)) with V = dL/dwn): no normalised fp32 copy of the centers and
+no autograd through the normalisation.
 
 Products run in the dtype of x (the product dtype chosen by the API, see functional.product_dtype) with fp32
 accumulation (fp64 for fp64). fp16 gradients are pre-scaled by a power of two into fp16's range: |dL/ds| <=
@@ -30,26 +34,36 @@ from torch import Tensor
 
 from ._common import LossParams, acc_dtype
 
-BACKWARDS = ("chunked", "two_kernel")
+BACKWARDS = ("auto", "chunked", "two_kernel")
 DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_CACHE_BYTES = 1 << 30
 
-_options = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "chunked"), "chunk_bytes": DEFAULT_CHUNK_BYTES}
+_options: dict[str, str | int] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
+                                  "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": DEFAULT_CACHE_BYTES}
 _interp_lock = threading.Lock()
 
 
-def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None) -> dict:
-    """Choose the Triton backend's backward ("chunked", the default, or "two_kernel") and the bound of its dL/ds
-    chunk buffer in bytes (default 256 MiB); returns the previous values. SOFTTRIPLE_TRITON_BACKWARD sets the
-    backward at import."""
+def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None,
+                       cache_bytes: int | None = None) -> dict:
+    """Configure the Triton backend's backward; returns the previous values.
+
+    backward: "auto" (default: the cached path when the forward's cache fits ``cache_bytes``, else "chunked"),
+        "chunked" (always recompute, memory O(N + chunk_bytes)) or "two_kernel" (the previous two-kernel backward,
+        for comparison). SOFTTRIPLE_TRITON_BACKWARD sets it at import.
+    chunk_bytes: bound of the chunked backward's dL/ds buffer (default 256 MiB).
+    cache_bytes: bound of the forward's cache and of dL/ds made from it, N * C*K * (factor size + product size)
+        + N * C * 4 (default 1 GiB; 0 disables the cache).
+    """
     old = dict(_options)
     if backward is not None:
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
         _options["backward"] = backward
-    if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
-        _options["chunk_bytes"] = chunk_bytes
+    for name, value, least in (("chunk_bytes", chunk_bytes, 1), ("cache_bytes", cache_bytes, 0)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least} (bytes), got {value!r}")
+            _options[name] = value
     return old
 
 
@@ -70,7 +84,7 @@ def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     (torch.mm's out_dtype; tensor cores), fp32 following torch's matmul precision, fp64 exact. On the CPU
     (interpreter tests) 16-bit operands are upcast: their products are exact in fp32."""
     acc = acc_dtype(a.dtype)
-    if a.dtype == acc or (a.dtype == torch.float32 and acc == torch.float32):
+    if a.dtype == acc:
         return torch.mm(a, b, out=out)
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=acc, out=out) if out is not None else torch.mm(a, b, out_dtype=acc)
@@ -92,6 +106,20 @@ def _grad_scale(x: Tensor, upstream: Tensor, la: float, gamma: float) -> tuple[T
     return scale.reciprocal().reshape(1), scale.reshape(1)
 
 
+def factor_scale(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """(fac_scale, 1 / fac_scale) for the cached factor: for fp16 products the power of two at or below
+    1 / (1 + 2 max_i ||x_i|| / gamma), the bound of |a| = p |1 + (s - S) / gamma|; 1 otherwise."""
+    from .kernels.config import hyper_tensor
+
+    acc = acc_dtype(x.dtype)
+    if x.dtype != torch.float16:
+        one = hyper_tensor((1.0,), acc, x.device)
+        return one, one
+    xmax = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).amax() if x.shape[0] else x.new_zeros((), dtype=acc)
+    scale = torch.exp2(torch.ceil(torch.log2(1.0 + 2.02 * xmax / gamma))).reshape(1)
+    return scale.reciprocal(), scale
+
+
 def _serialised(fn):
     """Triton's interpreter keeps global state per launch: two threads launching at once break it."""
     def wrapper(*args, **kwargs):
@@ -104,15 +132,14 @@ def _serialised(fn):
     return wrapper
 
 
-@_serialised
-def loss_forward(x: Tensor, fc: Tensor, labels: Tensor, p: LossParams, dtype: torch.dtype):
-    """(loss rows [N], lse [N], xp, wt [C*K, d], rw [C*K]) for x in the accumulation dtype and products in dtype
-    (xp: see product_operand)."""
-    from .kernels.forward import softtriple_forward
-
-    xp, wt, rw = _prepare(x, fc, dtype)
-    rows, lse = softtriple_forward(xp, wt, labels, p)
-    return rows, lse, _own_xp(x, xp), wt, rw
+def cache_fits(N: int, C: int, K: int, dtype: torch.dtype) -> bool:
+    """Whether the forward keeps the factor cache for this shape under the current options: the factor, the logits
+    and, during the backward, dL/ds beside them must fit ``cache_bytes``."""
+    if _options["backward"] != "auto":
+        return False
+    item = torch.empty((), dtype=dtype).element_size()
+    z = 8 if dtype == torch.float64 else 4
+    return N * C * (K * 2 * item + z) <= int(_options["cache_bytes"])
 
 
 def _prepare(x: Tensor, fc: Tensor, dtype: torch.dtype):
@@ -134,6 +161,25 @@ def _own_xp(x: Tensor, xp: Tensor) -> Tensor:
 
 
 @_serialised
+def loss_forward(x: Tensor, fc: Tensor, labels: Tensor, p: LossParams, dtype: torch.dtype, keep: bool):
+    """(loss rows [N], lse [N], xp, wt [C*K, d], rw [C*K], factor, z) for x in the accumulation dtype and products
+    in dtype (xp: see product_operand). keep: gradients will be wanted; the factor cache [N, C*K] and the logits z
+    [N, C] are filled when it fits the budget, else both are empty."""
+    from .kernels.forward import factor_dtype, softtriple_forward
+
+    xp, wt, rw = _prepare(x, fc, dtype)
+    N, C = x.shape[0], fc.shape[1] // p.K
+    if keep and cache_fits(N, C, p.K, dtype):
+        fac = torch.empty((N, C * p.K), dtype=factor_dtype(dtype), device=x.device)
+        z = torch.empty((N, C), dtype=acc_dtype(dtype), device=x.device)
+        rows, lse = softtriple_forward(xp, wt, labels, p, cache=(fac, z, factor_scale(xp, p.gamma)[0]))
+    else:
+        fac, z = x.new_empty((0,), dtype=acc_dtype(dtype)), x.new_empty((0,), dtype=acc_dtype(dtype))
+        rows, lse = softtriple_forward(xp, wt, labels, p)
+    return rows, lse, _own_xp(x, xp), wt, rw, fac, z
+
+
+@_serialised
 def logits_forward(x: Tensor, fc: Tensor, p: LossParams, dtype: torch.dtype):
     """(S [N, C], xp, wt, rw)."""
     from .kernels.forward import softtriple_logits_forward
@@ -144,9 +190,13 @@ def logits_forward(x: Tensor, fc: Tensor, p: LossParams, dtype: torch.dtype):
 
 @_serialised
 def backward(x: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor | None, g: Tensor | None,
-             lse: Tensor | None, dS: Tensor | None, p: LossParams) -> tuple[Tensor, Tensor]:
+             lse: Tensor | None, dS: Tensor | None, p: LossParams, fac: Tensor | None = None,
+             z: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx in the accumulation dtype, dfc in fc.dtype) for x in the product dtype. Loss mode: labels, g [N]
-    (upstream per row), lse. Logits mode: dS [N, C]."""
+    (upstream per row), lse, and the forward's cache (fac, z; empty when it did not fit; left unchanged). Logits
+    mode: dS [N, C]."""
+    from .kernels.center_grad import center_grad
+
     acc = acc_dtype(x.dtype)
     if dS is not None:
         dS = dS.to(acc).contiguous()
@@ -155,23 +205,25 @@ def backward(x: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor | Non
         assert g is not None, "loss mode needs the upstream gradient g"
         g = g.to(acc).contiguous()
         inv_scale, scale = _grad_scale(x, g, p.la, p.gamma)
-    if _options["backward"] == "two_kernel":
+    if fac is not None and fac.numel():
+        from .kernels.grad_cached import softtriple_grad_cached
+
+        ds = softtriple_grad_cached(fac, z, labels, g, lse, p, inv_scale * factor_scale(x, p.gamma)[1], x.dtype)
+        dx = _mm(ds, wt)
+        V = _mm(x.t(), ds)
+    elif _options["backward"] == "two_kernel":
         from .kernels.backward_w import softtriple_backward_w
         from .kernels.backward_x import softtriple_backward_x
 
         dx = softtriple_backward_x(x, wt, labels, g, lse, dS, p, inv_scale)
-        V, sigma = softtriple_backward_w(x, wt, labels, g, lse, dS, p, inv_scale)
+        V = softtriple_backward_w(x, wt, labels, g, lse, dS, p, inv_scale)
     else:
-        dx, V, sigma = _chunked_backward(x, wt, labels, g, lse, dS, p, inv_scale)
-    dx = dx.mul_(scale)
-    # through the column normalisation: dfc_j = rw_j (scale V_j - wn_j sigma_j), wn_j = rw_j fc_j
-    f = fc if fc.dtype == acc else fc.to(acc)
-    dfc = V.mul_((rw * scale).unsqueeze(0)).addcmul_(f, (rw * rw * sigma).unsqueeze(0), value=-1.0)
-    return dx, dfc.to(fc.dtype)
+        dx, V = _chunked_backward(x, wt, labels, g, lse, dS, p, inv_scale)
+    return dx.mul_(scale), center_grad(fc, V, rw, scale)
 
 
 def _chunked_backward(x, wt, labels, g, lse, dS, p: LossParams, inv_scale):
-    """(dx * inv_scale [N, d], V * inv_scale [d, C*K], sigma [C*K]) in the accumulation dtype."""
+    """(dx * inv_scale [N, d], V * inv_scale [d, C*K]) in the accumulation dtype."""
     import triton
 
     from .kernels.grad_chunk import grad_chunk_tiles, softtriple_grad_chunk
@@ -183,9 +235,8 @@ def _chunked_backward(x, wt, labels, g, lse, dS, p: LossParams, inv_scale):
     cfg = grad_chunk_tiles(x, wt, p.K)
     n_tiles = triton.cdiv(C, cfg.block_c)
     tile_cols = cfg.block_c * p.K
-    per_chunk = max(1, min(n_tiles, _options["chunk_bytes"] // max(1, N * tile_cols * x.element_size())))
+    per_chunk = max(1, min(n_tiles, int(_options["chunk_bytes"]) // max(1, N * tile_cols * x.element_size())))
     buf = torch.empty((N, min(M, per_chunk * tile_cols)), dtype=x.dtype, device=x.device)
-    sig = torch.empty((triton.cdiv(N, cfg.block_n), M), dtype=acc, device=x.device)
     dx = torch.zeros((N, d), dtype=acc, device=x.device)
     V = torch.empty((d, M), dtype=acc, device=x.device)
     xt = x.t()
@@ -193,7 +244,7 @@ def _chunked_backward(x, wt, labels, g, lse, dS, p: LossParams, inv_scale):
         t1 = min(n_tiles, t0 + per_chunk)
         c0, c1 = t0 * tile_cols, min(M, t1 * tile_cols)
         ds = buf[:, :c1 - c0]
-        softtriple_grad_chunk(x, wt, labels, g, lse, dS, p, t0, t1, inv_scale, ds, sig, cfg)
+        softtriple_grad_chunk(x, wt, labels, g, lse, dS, p, t0, t1, inv_scale, ds, cfg)
         dx += _mm(ds, wt[c0:c1])
         _mm(xt, ds, out=V[:, c0:c1])
-    return dx, V, sig.sum(dim=0)
+    return dx, V

@@ -3,19 +3,21 @@
 Four opaque custom ops, each with a fake (meta) implementation so ``torch.compile(fullgraph=True)`` traces through
 them without graph breaks, and autograd formulas that call the backward ops:
 
-    softtriple_triton::loss(x, fc, labels, K, la, gamma, margin, dtype) -> (loss_rows [N], lse [N], xp, wt, rw)
-    softtriple_triton::loss_backward(g, xp, fc, wt, rw, labels, lse, K, la, gamma, margin) -> (dx, dfc)
+    softtriple_triton::loss(x, fc, labels, K, la, gamma, margin, dtype, keep)
+        -> (loss_rows [N], lse [N], xp, wt, rw, factor, z)
+    softtriple_triton::loss_backward(g, xp, fc, wt, rw, labels, lse, factor, z, K, la, gamma, margin) -> (dx, dfc)
     softtriple_triton::logits(x, fc, K, gamma, dtype) -> (S [N, C], xp, wt, rw)
     softtriple_triton::logits_backward(dS, xp, fc, wt, rw, K, gamma) -> (dx, dfc)
 
 x is the (already normalised) embedding matrix in the accumulation dtype (fp32, fp64 for fp64 inputs), fc the
 user's raw centers [d, C*K], dtype the product dtype (functional.product_dtype). xp (x in the product dtype), wt
 (the column-normalised centers stored row-wise, in the product dtype) and rw (inverse column norms) are internal
-outputs kept for the backward. dx comes back in the accumulation dtype: the embeddings' own dtype is applied by
-autograd after the normalisation's backward, so a large gradient of fp16 embeddings is scaled by 1/||e|| before
-it is rounded to fp16. What each op computes is in fused.py. Implementations are registered for CUDA
-(compiled kernels) and CPU (the same kernels through Triton's interpreter, TRITON_INTERPRET=1; an explicit error
-otherwise).
+outputs kept for the backward, as are the forward's cache (factor, z: the gradient factor and the class logits,
+empty unless keep and the cache fits its budget; see fused.py). dx comes back in the accumulation dtype: the
+embeddings' own dtype is applied by autograd after the normalisation's backward, so a large gradient of fp16
+embeddings is scaled by 1/||e|| before it is rounded to fp16. What each op computes is in fused.py.
+Implementations are registered for CUDA (compiled kernels) and CPU (the same kernels through Triton's interpreter,
+TRITON_INTERPRET=1; an explicit error otherwise).
 """
 
 from __future__ import annotations
@@ -50,24 +52,30 @@ def _capturing() -> bool:
     """bench/gpu_static.py runs the real implementations on fake tensors to record the kernel launches."""
     if not TRITON_AVAILABLE:
         return False
-    from .kernels.target import simulated
-    return simulated() is not None
+    from .kernels.target import capturing
+    return capturing()
 
 
 # ----------------------------------------------------------------------------------------------------- loss
 @torch.library.custom_op("softtriple_triton::loss", mutates_args=(), device_types=_DEVICES)
 def loss_op(x: Tensor, fc: Tensor, labels: Tensor, K: int, la: float, gamma: float, margin: float,
-            dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            dtype: torch.dtype, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _require_triton()
-    return fused.loss_forward(x, fc, labels, LossParams(K, la, gamma, margin), dtype)
+    return fused.loss_forward(x, fc, labels, LossParams(K, la, gamma, margin), dtype, keep)
 
 
 @loss_op.register_fake
-def _(x, fc, labels, K, la, gamma, margin, dtype):
+def _(x, fc, labels, K, la, gamma, margin, dtype, keep):
+    p = LossParams(K, la, gamma, margin)
     if _capturing():
-        return fused.loss_forward(x, fc, labels, LossParams(K, la, gamma, margin), dtype)
-    n = x.shape[0]
-    return (x.new_empty((n,)), x.new_empty((n,))) + _fake_prepared(x, fc, dtype)
+        return fused.loss_forward(x, fc, labels, p, dtype, keep)
+    n, C = x.shape[0], fc.shape[1] // K
+    if keep and fused.cache_fits(n, C, K, dtype):
+        from .kernels.forward import factor_dtype
+        cache = (x.new_empty((n, C * K), dtype=factor_dtype(dtype)), x.new_empty((n, C)))
+    else:
+        cache = (x.new_empty((0,)), x.new_empty((0,)))
+    return (x.new_empty((n,)), x.new_empty((n,))) + _fake_prepared(x, fc, dtype) + cache
 
 
 def _fake_prepared(x, fc, dtype):
@@ -78,32 +86,33 @@ def _fake_prepared(x, fc, dtype):
 
 @torch.library.custom_op("softtriple_triton::loss_backward", mutates_args=(), device_types=_DEVICES)
 def loss_backward_op(g: Tensor, xp: Tensor, fc: Tensor, wt: Tensor, rw: Tensor, labels: Tensor, lse: Tensor,
-                     K: int, la: float, gamma: float, margin: float) -> tuple[Tensor, Tensor]:
+                     factor: Tensor, z: Tensor, K: int, la: float, gamma: float,
+                     margin: float) -> tuple[Tensor, Tensor]:
     _require_triton()
-    return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin))
+    return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin), factor, z)
 
 
 @loss_backward_op.register_fake
-def _(g, xp, fc, wt, rw, labels, lse, K, la, gamma, margin):
+def _(g, xp, fc, wt, rw, labels, lse, factor, z, K, la, gamma, margin):
     if _capturing():
-        return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin))
+        return fused.backward(xp, fc, wt, rw, labels, g, lse, None, LossParams(K, la, gamma, margin), factor, z)
     return xp.new_empty(xp.shape, dtype=acc_dtype(xp.dtype)), torch.empty_like(fc)
 
 
 def _loss_setup(ctx, inputs, output):
-    x, fc, labels, K, la, gamma, margin, dtype = inputs
-    _, lse, xp, wt, rw = output
-    ctx.save_for_backward(fused.product_operand(x, xp), fc, wt, rw, labels, lse)
+    x, fc, labels, K, la, gamma, margin, dtype, keep = inputs
+    _, lse, xp, wt, rw, factor, z = output
+    ctx.save_for_backward(fused.product_operand(x, xp), fc, wt, rw, labels, lse, factor, z)
     ctx.hyper = (K, la, gamma, margin)
 
 
-def _loss_backward(ctx, g_rows, g_lse, g_xp, g_wt, g_rw):
-    # lse, xp, wt and rw are internal outputs (saved for the backward); no public function exposes them.
-    xp, fc, wt, rw, labels, lse = ctx.saved_tensors
+def _loss_backward(ctx, g_rows, g_lse, g_xp, g_wt, g_rw, g_factor, g_z):
+    # lse, xp, wt, rw, factor and z are internal outputs (saved for the backward); no public function exposes them.
+    xp, fc, wt, rw, labels, lse, factor, z = ctx.saved_tensors
     if g_rows is None:
         g_rows = torch.zeros_like(lse)
-    dx, dfc = loss_backward_op(g_rows, xp, fc, wt, rw, labels, lse, *ctx.hyper)
-    return dx, dfc, None, None, None, None, None, None
+    dx, dfc = loss_backward_op(g_rows, xp, fc, wt, rw, labels, lse, factor, z, *ctx.hyper)
+    return dx, dfc, None, None, None, None, None, None, None
 
 
 loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)

@@ -21,8 +21,8 @@ from softtriple_triton.functional import product_dtype
 KW = dict(la=20.0, gamma=0.1, tau=0.0, margin=0.01)
 
 # (loss, d embeddings, d fc) max errors relative to the oracle's max-abs value, per product dtype
-# measured, both backwards: bf16 <= 9e-8 / 4.1e-3 / 4.6e-3, fp16 <= 3.5e-8 / 5.8e-4 / 3.1e-4,
-# fp32 (IEEE) <= 2.5e-8 / 6.9e-7 / 5.4e-7
+# measured over the three backward paths (interpreter): bf16 <= 9.1e-8 / 5.0e-3 / 5.5e-3 (the cached path rounds
+# the factor and then dL/ds), fp16 <= 3.5e-8 / 5.6e-4 / 4.7e-4, fp32 (IEEE) <= 2.5e-8 / 7.1e-7 / 5.4e-7
 TOL_POLICY = {
     torch.bfloat16: (1e-6, 8e-3, 8e-3),
     torch.float16: (1e-6, 1.5e-3, 1.5e-3),
@@ -74,13 +74,17 @@ CONFIGS = [  # (embeddings dtype, centers dtype, autocast dtype) -> product dtyp
 ]
 
 
-@pytest.mark.parametrize("backward", fused.BACKWARDS)
+PATHS = {"cached": dict(backward="auto"), "chunked": dict(backward="auto", cache_bytes=0),
+         "two_kernel": dict(backward="two_kernel")}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("emb_dtype,fc_dtype,autocast", CONFIGS, ids=lambda v: str(v).replace("torch.", ""))
-def test_each_configuration_against_the_rounded_fp64_oracle(emb_dtype, fc_dtype, autocast, backward):
+def test_each_configuration_against_the_rounded_fp64_oracle(emb_dtype, fc_dtype, autocast, path):
     N, d, C, K = 64, 48, 30, 10
     x, w, y = make_inputs(N, d, C, K, dtype=torch.float32, device=TRITON_DEVICE, seed=3)
     x, w = x.to(emb_dtype), w.to(fc_dtype)
-    old = fused.set_triton_options(backward=backward)
+    old = fused.set_triton_options(**PATHS[path])
     try:
         got = fused_loss(x, w, y, K, autocast)
     finally:

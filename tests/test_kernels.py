@@ -26,7 +26,7 @@ def one(x):
 
 
 def autograd_oracle(x, wt, y, K, g, la, gamma, margin):
-    """Per-row loss, dL/dx, dL/dwn [d, M] and sigma_j = sum_i ds_ij s_ij for s = x @ wt^T (the kernels' contract)."""
+    """Per-row loss, dL/dx and dL/dwn [d, M] for s = x @ wt^T (the kernels' contract)."""
     xr = x.detach().double().requires_grad_(True)
     wr = wt.detach().double().requires_grad_(True)
     s = xr @ wr.t()
@@ -37,7 +37,7 @@ def autograd_oracle(x, wt, y, K, g, la, gamma, margin):
     z = la * (S - margin * F.one_hot(y, C).double())
     rows = torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0]
     (rows * g).sum().backward()
-    return rows.detach(), xr.grad, wr.grad.t(), (s.grad * s).sum(0).detach()
+    return rows.detach(), xr.grad, wr.grad.t()
 
 
 def unit_rows(wt):
@@ -53,20 +53,19 @@ def test_tilings_and_splits_are_exact(splits, lanes, K):
     wt = unit_rows(w.t().contiguous())
     g = torch.rand(N, dtype=torch.float64, device=TRITON_DEVICE)
     p = LossParams(K, **HP)
-    rows_ref, dx_ref, dw_ref, sig_ref = autograd_oracle(x, wt, y, K, g, **HP)
+    rows_ref, dx_ref, dw_ref = autograd_oracle(x, wt, y, K, g, **HP)
     rows, lse = softtriple_forward(x, wt, y, p, splits=splits, lanes=lanes)
     dx = softtriple_backward_x(x, wt, y, g, lse, None, p, one(x), splits=splits, lanes=lanes)
-    dw, sig = softtriple_backward_w(x, wt, y, g, lse, None, p, one(x), splits=splits, lanes=lanes)
+    dw = softtriple_backward_w(x, wt, y, g, lse, None, p, one(x), splits=splits, lanes=lanes)
     assert rel_err(rows, rows_ref) < 1e-12
     assert rel_err(dx, dx_ref) < 1e-12
     assert rel_err(dw, dw_ref) < 1e-12
-    assert rel_err(sig, sig_ref) < 1e-12
 
 
 @pytest.mark.parametrize("tiles_per_chunk", [1, 2, 100])
 @pytest.mark.parametrize("K", [1, 3, 10])
-def test_grad_chunks_give_ds_and_sigma(tiles_per_chunk, K):
-    """The dL/ds chunk kernel over chunks of whole tiles: ds (times inv_scale) and the column sums of ds * s."""
+def test_grad_chunks_give_ds(tiles_per_chunk, K):
+    """The dL/ds chunk kernel over chunks of whole tiles: ds (times inv_scale), nothing outside the chunk."""
     N, d, C = 45, 20, 29
     x, w, y = make_inputs(N, d, C, K, device=TRITON_DEVICE, seed=K)
     wt = unit_rows(w.t().contiguous())
@@ -83,15 +82,56 @@ def test_grad_chunks_give_ds_and_sigma(tiles_per_chunk, K):
     ((torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0]) * g).sum().backward()
     cfg = grad_chunk_tiles(x, wt, K, lanes=16)
     n_tiles = triton.cdiv(C, cfg.block_c)
-    sig = torch.full((triton.cdiv(N, cfg.block_n), C * K), float("nan"), dtype=torch.float64, device=x.device)
     inv_scale = torch.tensor([0.25], dtype=torch.float64, device=x.device)
     ds = torch.full((N, C * K), float("nan"), dtype=torch.float64, device=x.device)
     for t0 in range(0, n_tiles, tiles_per_chunk):
         t1 = min(n_tiles, t0 + tiles_per_chunk)
         c0, c1 = t0 * cfg.block_c * K, min(C * K, t1 * cfg.block_c * K)
-        softtriple_grad_chunk(x, wt, y, g, lse, None, p, t0, t1, inv_scale, ds[:, c0:c1], sig, cfg)
+        softtriple_grad_chunk(x, wt, y, g, lse, None, p, t0, t1, inv_scale, ds[:, c0:c1], cfg)
     assert rel_err(ds, s.grad * 0.25) < 1e-12
-    assert rel_err(sig.sum(0), (s.grad * s).sum(0)) < 1e-12
+
+
+@pytest.mark.parametrize("K", [1, 3, 10])
+def test_cached_forward_and_its_dL_ds(K):
+    """CACHE: the forward's factor a and logits z give dL/ds = dL/dS * a exactly (kernels/grad_cached.py), and the
+    loss is the same as without the cache."""
+    from softtriple_triton.kernels.grad_cached import softtriple_grad_cached
+
+    N, d, C = 45, 20, 29
+    x, w, y = make_inputs(N, d, C, K, device=TRITON_DEVICE, seed=K + 40)
+    wt = unit_rows(w.t().contiguous())
+    g = torch.rand(N, dtype=torch.float64, device=TRITON_DEVICE)
+    p = LossParams(K, **HP)
+    fac = torch.full((N, C * K), float("nan"), dtype=torch.float64, device=x.device)
+    z = torch.full((N, C), float("nan"), dtype=torch.float64, device=x.device)
+    rows, lse = softtriple_forward(x, wt, y, p, splits=3, cache=(fac, z, one(x)))
+    assert torch.equal(rows, softtriple_forward(x, wt, y, p, splits=3)[0])
+    xr, wr = x.clone(), wt.clone().requires_grad_(True)
+    s = xr @ wr.t()
+    s.retain_grad()
+    s3 = s.view(N, C, K)
+    S = (torch.softmax(s3 / HP["gamma"], 2) * s3).sum(2)
+    zr = HP["la"] * (S - HP["margin"] * F.one_hot(y, C).double())
+    ((torch.logsumexp(zr, 1) - zr.gather(1, y[:, None])[:, 0]) * g).sum().backward()
+    assert rel_err(z, zr) < 1e-13
+    ds = softtriple_grad_cached(fac, z, y, g, lse, p, torch.tensor([0.5], dtype=torch.float64, device=x.device),
+                                torch.float64)
+    assert rel_err(ds, s.grad * 0.5) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_center_grad_is_the_normalisation_backward(dtype):
+    from softtriple_triton.kernels.center_grad import center_grad
+
+    fc = torch.randn(37, 90, dtype=torch.float64, device=TRITON_DEVICE)[:, 5:80]   # strided columns
+    V = torch.randn(37, 75, dtype=torch.float64, device=TRITON_DEVICE)
+    f = fc.to(dtype).double().requires_grad_(True)
+    (F.normalize(f, dim=0) * V * 4.0).sum().backward()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rw = (1.0 / fc.to(dtype).double().norm(dim=0)).to(acc)
+    got = center_grad(fc.to(dtype), V.to(acc), rw, torch.tensor([4.0], dtype=acc, device=fc.device))
+    assert got.dtype == dtype
+    assert rel_err(got, f.grad) < {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
 
 
 @pytest.mark.parametrize("K", [1, 5])
@@ -111,10 +151,9 @@ def test_logits_mode_forward_and_backward(K):
     for splits in (1, 3):
         assert rel_err(softtriple_logits_forward(x, wt, p, splits=splits), S_ref) < 1e-13
     dx = softtriple_backward_x(x, wt, None, None, None, dS, p, one(x), splits=2)
-    dw, sig = softtriple_backward_w(x, wt, None, None, None, dS, p, one(x), splits=2)
+    dw = softtriple_backward_w(x, wt, None, None, None, dS, p, one(x), splits=2)
     assert rel_err(dx, xr.grad) < 1e-12
     assert rel_err(dw, wr.grad.t()) < 1e-12
-    assert rel_err(sig, (s.grad * s).sum(0)) < 1e-12
 
 
 def test_strided_inputs_are_read_through_their_strides():
@@ -247,8 +286,8 @@ def test_offsets_past_two_to_the_31_on_cuda():
     y = torch.randint(C - 500, C, (N,), device="cuda")  # labels among the last classes: past the 2**31 mark
     g = torch.rand(N, device="cuda")
     p = LossParams(K, **HP)
-    rows, lse, xp, wt, rw = fused.loss_forward(x, w, y, p, torch.float16)
-    _, dfc = fused.backward(xp, w, wt, rw, y, g, lse, None, p)
+    rows, lse, xp, wt, rw, fac, z = fused.loss_forward(x, w, y, p, torch.float16, True)
+    _, dfc = fused.backward(xp, w, wt, rw, y, g, lse, None, p, fac, z)
     x = xp
     # oracle on the columns of the labelled classes only, with the full-row lse (exact up to rounding)
     tail = slice((C - 500) * K, C * K)
