@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from ._common import acc_dtype
+from ._common import pow2_scale, acc_dtype, inverse_column_norms, no_autocast, unit_rows
 from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
 from .cpu import torch_logits, torch_loss_rows
 from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import center_regularizer
+from .triton_autograd import triton_logits, triton_loss_rows
 
 
 def _normalized_rows(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> Tensor:
@@ -20,12 +19,19 @@ def _normalized_rows(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch
     dt = torch.promote_types(embeddings.dtype, fc.dtype)
     if not normalize:
         return embeddings.to(dt)
-    return F.normalize(embeddings.to(acc), p=2, dim=1).to(dt)
+    return unit_rows(embeddings.to(acc)).to(dt)  # F.normalize without overflow for any finite entries
 
 
 def _inverse_norms(fc: Tensor, dtype: torch.dtype) -> Tensor:
-    # differentiable; same semantics as F.normalize: 1 / max(||w_j||, 1e-12)
-    return torch.linalg.vector_norm(fc.to(dtype), dim=0).clamp_min(1e-12).reciprocal()
+    # differentiable; same semantics as F.normalize: 1 / max(||w_j||, 1e-12), no overflow for any finite fc
+    return inverse_column_norms(fc.to(dtype))
+
+
+def _reference_inputs(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype):
+    """The reference's inputs in the accumulation dtype, rows (when normalised) and columns divided by exact
+    powers of two so that its F.normalize cannot overflow; the normalised vectors are unchanged."""
+    x, w = embeddings.to(acc), fc.to(acc)
+    return (x / pow2_scale(x, 1) if normalize else x), w / pow2_scale(w, 0)
 
 
 def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_class: int, la: float = 20.0,
@@ -60,13 +66,18 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     la, gamma, tau, margin = float(la), float(gamma), float(tau), float(margin)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
 
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    with no_autocast(embeddings.device):
         if be == "reference":
-            return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
-                                             normalize_embeddings, reduction)
+            meta = embeddings.device.type == "meta"  # the Gram mask's nonzero has no meta kernel: shapes only
+            loss = reference_softtriple_loss(*_reference_inputs(embeddings, fc, normalize_embeddings, acc), labels,
+                                             K, la, gamma, 0.0 if meta else tau, margin, normalize_embeddings,
+                                             reduction)
+            if meta and tau > 0 and K > 1 and reduction != "none":
+                loss = loss + tau * center_regularizer(fc, K)
+            return loss
         x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
-            rows, _ = ops.loss_op(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
+            rows = triton_loss_rows(x, fc, _inverse_norms(fc, acc), labels, K, la, gamma, margin)
         else:
             rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin, normalize_embeddings)
         if reduction == "none":
@@ -82,18 +93,21 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     """Relaxed class similarities S [N, C] = sum_k softmax_k(s/gamma) * s (no margin, no la); differentiable.
 
     Computed by the same fused machinery as the loss (no N x C*K tensor on the triton/torch backends).
-    fp32 output (fp64 for fp64 inputs).
+    fp32 output (fp64 for fp64 inputs). An empty batch gives an empty [0, C] tensor.
     """
     check_hyper(centers_per_class, 1.0, gamma, 0.0, 0.0, "mean", backend, normalize_embeddings)
-    check_embeddings_and_centers(embeddings, fc, centers_per_class)
+    check_embeddings_and_centers(embeddings, fc, centers_per_class, what="logits")
     K = int(centers_per_class)
     be = resolve_backend(backend, embeddings.device, K)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
     gamma = float(gamma)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+    with no_autocast(embeddings.device):
+        if embeddings.shape[0] == 0:  # no rows: [0, C], still attached to the inputs' graph
+            return (embeddings.to(acc) @ fc.to(acc)).view(0, fc.shape[1] // K, K).sum(dim=2)
         if be == "reference":
-            return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
+            return reference_logits(*_reference_inputs(embeddings, fc, normalize_embeddings, acc), K, gamma,
+                                    normalize_embeddings)
         x = _normalized_rows(embeddings, fc, normalize_embeddings, acc)
         if be == "triton":
-            return ops.logits_op(x, fc, _inverse_norms(fc, acc), K, gamma)
+            return triton_logits(x, fc, _inverse_norms(fc, acc), K, gamma)
         return torch_logits(x, fc, K, gamma, normalize_embeddings)

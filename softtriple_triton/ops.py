@@ -11,7 +11,8 @@ traces through them without graph breaks, and autograd formulas that call the ba
 x is the (already normalised) embedding matrix, w the raw centers [d, C*K] and rw their inverse column
 norms in the accumulation dtype; the column normalisation's backward is autograd's, through rw.
 Implementations are registered per device: CUDA runs the compiled kernels, CPU runs the same kernels
-through Triton's interpreter (TRITON_INTERPRET=1; an explicit error otherwise).
+through Triton's interpreter (TRITON_INTERPRET=1; an explicit error otherwise; launches serialised across threads).
+In eager mode the API calls these ops through triton_autograd.py (torch.func support), torch.compile calls them directly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype
+from ._common import acc_dtype, interpreter_serialised
 
 def _triton_available() -> bool:
     try:
@@ -45,7 +46,8 @@ def loss_op(x: Tensor, w: Tensor, rw: Tensor, labels: Tensor, K: int, la: float,
             margin: float) -> tuple[Tensor, Tensor]:
     _require_triton()
     from .kernels.forward import softtriple_forward
-    return softtriple_forward(x, w, rw, labels, K, la, gamma, margin)
+    with interpreter_serialised():
+        return softtriple_forward(x, w, rw, labels, K, la, gamma, margin)
 
 
 @loss_op.register_fake
@@ -61,8 +63,9 @@ def loss_backward_op(g: Tensor, x: Tensor, w: Tensor, rw: Tensor, labels: Tensor
     from .kernels.backward_w import softtriple_backward_w
     from .kernels.backward_x import softtriple_backward_x
     g = g.to(lse.dtype).contiguous()
-    dx = softtriple_backward_x(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
-    dw, drw = softtriple_backward_w(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
+    with interpreter_serialised():
+        dx = softtriple_backward_x(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
+        dw, drw = softtriple_backward_w(x, w, rw, labels, g, lse, None, K, la, gamma, margin)
     return dx.to(x.dtype), dw.to(w.dtype), drw
 
 
@@ -93,7 +96,8 @@ loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 def logits_op(x: Tensor, w: Tensor, rw: Tensor, K: int, gamma: float) -> Tensor:
     _require_triton()
     from .kernels.forward import softtriple_logits_forward
-    return softtriple_logits_forward(x, w, rw, K, gamma)
+    with interpreter_serialised():
+        return softtriple_logits_forward(x, w, rw, K, gamma)
 
 
 @logits_op.register_fake
@@ -108,8 +112,9 @@ def logits_backward_op(dS: Tensor, x: Tensor, w: Tensor, rw: Tensor, K: int,
     from .kernels.backward_w import softtriple_backward_w
     from .kernels.backward_x import softtriple_backward_x
     dS = dS.to(rw.dtype)
-    dx = softtriple_backward_x(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
-    dw, drw = softtriple_backward_w(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
+    with interpreter_serialised():
+        dx = softtriple_backward_x(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
+        dw, drw = softtriple_backward_w(x, w, rw, None, None, None, dS, K, 1.0, gamma, 0.0)
     return dx.to(x.dtype), dw.to(w.dtype), drw
 
 
