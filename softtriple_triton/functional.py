@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import pow2_scale, acc_dtype, inverse_column_norms, no_autocast, unit_rows
+from ._common import acc_dtype, inverse_column_norms, no_autocast, pow2_scale, unit_rows
 from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
 from .cpu import torch_logits, torch_loss_rows
 from .reference import reference_logits, reference_softtriple_loss

@@ -12,7 +12,8 @@ x is the (already normalised) embedding matrix, w the raw centers [d, C*K] and r
 norms in the accumulation dtype; the column normalisation's backward is autograd's, through rw.
 Implementations are registered per device: CUDA runs the compiled kernels, CPU runs the same kernels
 through Triton's interpreter (TRITON_INTERPRET=1; an explicit error otherwise; launches serialised across threads).
-In eager mode the API calls these ops through triton_autograd.py (torch.func support), torch.compile calls them directly.
+In eager mode the API calls these ops through triton_autograd.py (torch.func support); torch.compile calls
+them directly.
 """
 
 from __future__ import annotations

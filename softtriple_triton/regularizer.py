@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import pow2_scale, acc_dtype, inverse_column_norms
+from ._common import acc_dtype, inverse_column_norms, pow2_scale
 from ._validation import check_centers
 from .reference import REG_EPS
 
@@ -46,7 +46,7 @@ def column_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _scale_needed(f: Tensor, sumsq: Tensor) -> bool | Tensor:
+def _scale_needed(f: Tensor, sumsq: Tensor) -> bool:
     """Whether the columns must be scaled before the Gram blocks: on CPU (eager), only if a column's sum of squares
     is not finite or so large that rw^2 would leave the normal range; elsewhere always (no host sync)."""
     if f.device.type != "cpu" or torch.compiler.is_compiling():

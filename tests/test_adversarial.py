@@ -533,7 +533,8 @@ def test_exact_module_on_meta_then_materialised():
 
 def test_error_state_dict_with_the_wrong_shape():
     m = st.SoftTripleLoss(4, 8, 2)
-    with pytest.raises(RuntimeError, match="size mismatch for fc.*torch.Size\\(\\[8, 10\\]\\).*torch.Size\\(\\[8, 8\\]\\)"):
+    shapes = "size mismatch for fc.*torch.Size\\(\\[8, 10\\]\\).*torch.Size\\(\\[8, 8\\]\\)"
+    with pytest.raises(RuntimeError, match=shapes):
         m.load_state_dict({"fc": torch.randn(8, 10)})
     with pytest.raises(RuntimeError, match="Missing key\\(s\\) in state_dict: \"fc\""):
         m.load_state_dict({"centers": torch.randn(8, 8)})
