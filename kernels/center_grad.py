@@ -32,14 +32,16 @@ def softtriple_center_grad_kernel(fc_ptr, v_ptr, rw_ptr, scale_ptr, out_ptr, d, 
         f = tl.load(fc_ptr + rows[:, None] * stride_fd + cols[None, :] * stride_fm, mask=mask, other=0.0)
         v = tl.load(v_ptr + rows[:, None] * M + cols[None, :], mask=mask, other=0.0)
         dots += tl.sum(f.to(ACC_DTYPE) * v, axis=0)
-    a = scale * rw                     # dfc = a V - b fc
-    b = a * rw * rw * dots
+    # dfc = scale rw (V - wn proj), wn = fc rw, proj = wn . V = rw (fc . V): every factor is O(|V|) until the last
+    # multiplication by rw (rw^2 alone underflows fp32 for column norms above 1e19)
+    proj = rw * dots
+    a = scale * rw
     for d0 in range(0, d, BLOCK_D):
         rows = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         mask = (rows < d)[:, None] & cmask[None, :]
         f = tl.load(fc_ptr + rows[:, None] * stride_fd + cols[None, :] * stride_fm, mask=mask, other=0.0)
         v = tl.load(v_ptr + rows[:, None] * M + cols[None, :], mask=mask, other=0.0)
-        g = a[None, :] * v - b[None, :] * f.to(ACC_DTYPE)
+        g = a[None, :] * (v - (f.to(ACC_DTYPE) * rw[None, :]) * proj[None, :])
         tl.store(out_ptr + rows[:, None] * M + cols[None, :], to_operand(g, OUT_DTYPE, EMULATE_BF16), mask=mask)
 
 

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ._common import TRITON_MAX_CENTERS_PER_CLASS, interpreting
+from ._common import TRITON_MAX_CENTERS_PER_CLASS, check_interpreter_mode, interpreting
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,36 +44,57 @@ def check_hyper(centers_per_class, la, gamma, tau, margin, reduction, backend, n
         raise ValueError(f"normalize_embeddings must be a bool, got {normalize_embeddings!r}")
 
 
-def check_embeddings_and_centers(embeddings, fc, centers_per_class: int) -> None:
-    if not isinstance(embeddings, Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-    if not isinstance(fc, Tensor):
-        raise TypeError(f"fc must be a torch.Tensor, got {type(fc).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D [batch, embedding_size], got shape {tuple(embeddings.shape)}")
+def _check_dense(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        f".to_dense() first")
+
+
+def check_centers(fc, centers_per_class) -> int:
+    """fc [embedding_size, num_classes * K] floating, dense; returns K as an int."""
+    K = check_positive_int("centers_per_class", centers_per_class)
+    _check_dense("fc", fc)
     if fc.dim() != 2:
         raise ValueError(f"fc must be 2-D [embedding_size, num_classes * centers_per_class], got shape "
                          f"{tuple(fc.shape)}")
-    if embeddings.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"embeddings must be fp16, bf16, fp32 or fp64, got {embeddings.dtype}")
     if fc.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fc must be fp16, bf16, fp32 or fp64, got {fc.dtype}")
-    if embeddings.shape[0] == 0:
+    if fc.shape[1] == 0 or fc.shape[1] % K:
+        raise ValueError(f"fc has {fc.shape[1]} columns, which is not a positive multiple of "
+                         f"centers_per_class={K}")
+    return K
+
+
+def check_embeddings_and_centers(embeddings, fc, centers_per_class: int, what: str = "loss") -> None:
+    """``what``: "loss" (an empty batch is an error: its mean is undefined) or "logits" (empty is fine)."""
+    _check_dense("embeddings", embeddings)
+    _check_dense("fc", fc)
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D [batch, embedding_size], got shape {tuple(embeddings.shape)}")
+    check_centers(fc, centers_per_class)
+    if embeddings.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embeddings must be fp16, bf16, fp32 or fp64, got {embeddings.dtype}")
+    if embeddings.shape[0] == 0 and what == "loss":
         raise ValueError("embeddings has 0 rows: the loss of an empty batch is undefined")
     if embeddings.shape[1] != fc.shape[0]:
         raise ValueError(f"embeddings width {embeddings.shape[1]} does not match fc height {fc.shape[0]} "
                          f"(fc is [embedding_size, num_classes * centers_per_class])")
-    if fc.shape[1] == 0 or fc.shape[1] % centers_per_class:
-        raise ValueError(f"fc has {fc.shape[1]} columns, which is not a positive multiple of "
-                         f"centers_per_class={centers_per_class}")
     if fc.device != embeddings.device:
         raise ValueError(f"embeddings is on {embeddings.device} but fc is on {fc.device}")
 
 
+def _plain(t: Tensor) -> Tensor:
+    """The values under torch.func wrappers (vmap's batched / grad's tracking tensors), for checks on values."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def check_labels(labels, n: int, num_classes: int, device: torch.device) -> Tensor:
     """Returns labels as contiguous int64. The range check costs no host sync on CUDA (device-side assert)."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    _check_dense("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor (class indices), got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != n:
@@ -81,13 +102,17 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> Tens
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but embeddings is on {device}")
     labels = labels.to(torch.int64).contiguous()
-    in_range = (labels >= 0) & (labels < num_classes)
+    if labels.device.type == "meta":  # no values to check
+        return labels
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        plain = _plain(labels)  # under torch.func.vmap: all the batch's labels
+        in_range = (plain >= 0) & (plain < num_classes)
         if not bool(in_range.all()):
-            bad = labels[~in_range][0].item()
+            bad = plain[~in_range][0].item()
             raise ValueError(f"labels must be in [0, {num_classes}) (num_classes = fc.shape[1] // "
                              f"centers_per_class); found {bad}")
     else:
+        in_range = (labels >= 0) & (labels < num_classes)
         # device-side check: raises at the next synchronisation, no host sync here
         torch._assert_async(in_range.all(), f"softtriple_triton: labels must be in [0, {num_classes})")
     return labels
@@ -102,12 +127,17 @@ def resolve_backend(backend: str, device: torch.device, centers_per_class: int) 
     if backend == "triton":
         if not TRITON_AVAILABLE:
             raise RuntimeError("backend='triton' needs the 'triton' package; install it or use backend='torch'")
-        if device.type == "cpu":
+        if device.type == "meta":  # shapes only: the ops' fake implementations answer
+            pass
+        elif device.type == "cpu":
+            check_interpreter_mode()
             if not interpreting():
                 raise RuntimeError("backend='triton' got CPU tensors: the Triton kernels run on CUDA tensors, or on "
                                    "CPU only through Triton's (slow, testing-only) interpreter with "
                                    "TRITON_INTERPRET=1 set before triton is imported. Use backend='torch' on CPU.")
-        elif device.type != "cuda":
+        elif device.type == "cuda":
+            check_interpreter_mode()
+        else:
             raise RuntimeError(f"backend='triton' runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got "
                                f"{device.type}; use backend='torch'")
         if centers_per_class > TRITON_MAX_CENTERS_PER_CLASS:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
-from ._common import acc_dtype
+from ._common import LossParams, acc_dtype, no_autocast, pow2_scale, unit_rows
 from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
 from .cpu import torch_logits, torch_loss_rows
 from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import center_regularizer
+from .triton_autograd import triton_logits, triton_loss_rows
 
 
 def product_dtype(emb_dtype: torch.dtype, fc_dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -30,27 +27,11 @@ def product_dtype(emb_dtype: torch.dtype, fc_dtype: torch.dtype, device_type: st
     """
     if torch.float64 in (emb_dtype, fc_dtype):
         return torch.float64
-    if _autocast_on(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     if emb_dtype in (torch.float16, torch.bfloat16) and fc_dtype in (emb_dtype, torch.float32):
         return emb_dtype
     return torch.promote_types(emb_dtype, fc_dtype)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type without autocast (meta, ...)
-        return False
-
-
-def _autocast_off(device_type: str):
-    """Autocast disabled inside the loss (the fused paths choose their own product dtype), where the device type
-    has autocast at all."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:
-        return contextlib.nullcontext()
 
 
 def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: torch.dtype) -> Tensor:
@@ -58,7 +39,14 @@ def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: 
     (one rounding)."""
     if not normalize:
         return embeddings.to(dt)
-    return F.normalize(embeddings.to(acc), p=2, dim=1).to(dt)
+    return unit_rows(embeddings.to(acc)).to(dt)  # F.normalize without overflow for any finite entries
+
+
+def _reference_inputs(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The reference's inputs in the accumulation dtype, rows (when normalised) and columns divided by exact
+    powers of two so that its F.normalize cannot overflow; the normalised vectors are unchanged."""
+    x, w = embeddings.to(acc), fc.to(acc)
+    return (x / pow2_scale(x, 1) if normalize else x), w / pow2_scale(w, 0)
 
 
 def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_class: int, la: float = 20.0,
@@ -94,14 +82,19 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     acc = acc_dtype(embeddings.dtype, fc.dtype)
 
     prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
-    with _autocast_off(embeddings.device.type):
+    with no_autocast(embeddings.device):
         if be == "reference":
-            return reference_softtriple_loss(embeddings.to(acc), fc.to(acc), labels, K, la, gamma, tau, margin,
-                                             normalize_embeddings, reduction)
+            meta = embeddings.device.type == "meta"  # the Gram mask's nonzero has no meta kernel: shapes only
+            loss = reference_softtriple_loss(*_reference_inputs(embeddings, fc, normalize_embeddings, acc), labels,
+                                             K, la, gamma, 0.0 if meta else tau, margin, normalize_embeddings,
+                                             reduction)
+            if meta and tau > 0 and K > 1 and reduction != "none":
+                loss = loss + tau * center_regularizer(fc, K)
+            return loss
         if be == "triton":
             x = _normalized_rows(embeddings, acc, normalize_embeddings, acc)
             keep = torch.is_grad_enabled() and (embeddings.requires_grad or fc.requires_grad)
-            rows = ops.loss_op(x, fc, labels, K, la, gamma, margin, prod, keep)[0]
+            rows = triton_loss_rows(x, fc, labels, LossParams(K, la, gamma, margin), prod, keep)
         else:
             x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings,
                                  acc)
@@ -119,19 +112,23 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
     """Relaxed class similarities S [N, C] = sum_k softmax_k(s/gamma) * s (no margin, no la); differentiable.
 
     Computed by the same fused machinery as the loss (no N x C*K tensor on the triton/torch backends).
-    fp32 output (fp64 for fp64 inputs).
+    fp32 output (fp64 for fp64 inputs). An empty batch gives an empty [0, C] tensor.
     """
     check_hyper(centers_per_class, 1.0, gamma, 0.0, 0.0, "mean", backend, normalize_embeddings)
-    check_embeddings_and_centers(embeddings, fc, centers_per_class)
+    check_embeddings_and_centers(embeddings, fc, centers_per_class, what="logits")
     K = int(centers_per_class)
     be = resolve_backend(backend, embeddings.device, K)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
     gamma = float(gamma)
     prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
-    with _autocast_off(embeddings.device.type):
+    with no_autocast(embeddings.device):
+        if embeddings.shape[0] == 0:  # no rows: [0, C], still attached to the inputs' graph
+            return (embeddings.to(acc) @ fc.to(acc)).view(0, fc.shape[1] // K, K).sum(dim=2)
         if be == "reference":
-            return reference_logits(embeddings.to(acc), fc.to(acc), K, gamma, normalize_embeddings)
+            return reference_logits(*_reference_inputs(embeddings, fc, normalize_embeddings, acc), K, gamma,
+                                    normalize_embeddings)
         if be == "triton":
-            return ops.logits_op(_normalized_rows(embeddings, acc, normalize_embeddings, acc), fc, K, gamma, prod)[0]
+            return triton_logits(_normalized_rows(embeddings, acc, normalize_embeddings, acc), fc,
+                                 LossParams(K, 1.0, gamma, 0.0), prod)
         x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings, acc)
         return torch_logits(x, fc, K, gamma, normalize_embeddings)

@@ -27,12 +27,11 @@ accumulation (fp64 for fp64). fp16 gradients are pre-scaled by a power of two in
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 from torch import Tensor
 
-from ._common import LossParams, acc_dtype
+from ._common import LossParams, acc_dtype, interpreter_serialised, inverse_column_norms
 
 BACKWARDS = ("auto", "chunked", "two_kernel")
 DEFAULT_CHUNK_BYTES = 256 << 20
@@ -40,7 +39,6 @@ DEFAULT_CACHE_BYTES = 1 << 30
 
 _options: dict[str, str | int] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
                                   "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": DEFAULT_CACHE_BYTES}
-_interp_lock = threading.Lock()
 
 
 def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None,
@@ -68,15 +66,12 @@ def set_triton_options(backward: str | None = None, chunk_bytes: int | None = No
 
 
 def inverse_norms(fc: Tensor, acc: torch.dtype) -> Tensor:
-    """rw = 1 / max(||fc_j||, 1e-12) in ``acc`` (F.normalize's semantics), for any finite fc: the squares are summed
-    in fp64 for fp32 and lower (no overflow), and fp64 columns are scaled by their largest entry first."""
+    """rw = 1 / max(||fc_j||, 1e-12) in ``acc`` (F.normalize's semantics) for any finite fc. Centers in fp32 or
+    lower: one pass summing the squares in fp64, which cannot overflow; fp64 centers: _common.inverse_column_norms
+    (columns scaled by a power of two first)."""
     if fc.dtype == torch.float64:
-        amax = fc.abs().amax(dim=0)
-        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-        norm = torch.linalg.vector_norm(fc / safe, dim=0) * amax
-    else:
-        norm = torch.linalg.vector_norm(fc, dim=0, dtype=torch.float64)
-    return norm.to(acc).clamp_min(1e-12).reciprocal()
+        return inverse_column_norms(fc)
+    return torch.linalg.vector_norm(fc, dim=0, dtype=torch.float64).to(acc).clamp_min(1e-12).reciprocal()
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -121,12 +116,10 @@ def factor_scale(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
 
 
 def _serialised(fn):
-    """Triton's interpreter keeps global state per launch: two threads launching at once break it."""
+    """Triton's interpreter patches triton.language module-wide while a kernel runs: two threads interpreting at
+    once break each other, so launches are serialised there (_common.interpreter_serialised; a no-op on GPUs)."""
     def wrapper(*args, **kwargs):
-        from ._common import interpreting
-        if not interpreting():
-            return fn(*args, **kwargs)
-        with _interp_lock:
+        with interpreter_serialised():
             return fn(*args, **kwargs)
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

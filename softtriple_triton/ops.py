@@ -17,7 +17,8 @@ empty unless keep and the cache fits its budget; see fused.py). dx comes back in
 embeddings' own dtype is applied by autograd after the normalisation's backward, so a large gradient of fp16
 embeddings is scaled by 1/||e|| before it is rounded to fp16. What each op computes is in fused.py.
 Implementations are registered for CUDA (compiled kernels) and CPU (the same kernels through Triton's interpreter,
-TRITON_INTERPRET=1; an explicit error otherwise).
+TRITON_INTERPRET=1, launches serialised across threads; an explicit error otherwise). In eager mode the API calls
+these ops through triton_autograd.py (torch.func support); torch.compile calls them directly.
 """
 
 from __future__ import annotations
