@@ -47,7 +47,13 @@ CONFIGS = {
 }
 MAIN_CONFIGS = ("bf16/fp32", "fp16/fp32", "bf16/bf16", "fp32@high")   # the CI check
 TENSOR_CORE_CONFIGS = ("bf16/fp32", "fp16/fp32", "bf16/bf16", "fp32@high", "autocast-bf16")
-TARGETS = {"sm90": tgt.H100, "sm80": tgt.A100, "gfx942": tgt.MI300X}
+TARGETS = {"sm90": tgt.H200, "sm80": tgt.A100, "gfx942": tgt.MI300X}
+# backward paths: name -> fused.set_triton_options arguments (the defaults take "cached" when the cache fits)
+PATHS = {"cached": dict(backward="auto"), "chunked": dict(backward="auto", cache_bytes=0),
+         "two_kernel": dict(backward="two_kernel")}
+DEFAULT_PATHS = ("cached", "chunked")
+DOT_KERNELS = ("softtriple_fwd_kernel", "softtriple_grad_chunk_kernel", "softtriple_bwd_x_kernel",
+               "softtriple_bwd_w_kernel")
 
 
 @dataclass
@@ -75,14 +81,6 @@ def _policy(autocast_dtype, precision):
         torch.is_autocast_enabled, torch.get_autocast_dtype = saved
 
 
-class _Ctx:
-    """Stands in for autograd's ctx: the capture runs on meta tensors without autograd, and calls the registered
-    setup_context / backward functions of ops.py directly, with exactly the arguments autograd would pass."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
 @contextlib.contextmanager
 def _on_meta(functional):
     real = functional.resolve_backend
@@ -93,53 +91,26 @@ def _on_meta(functional):
         functional.resolve_backend = real
 
 
-@contextlib.contextmanager
-def _spy(name: str, calls: list):
-    from softtriple_triton import ops
-
-    real = getattr(ops, name)
-
-    def spy(*args):
-        out = real(*args)
-        calls.append((args, out))
-        return out
-    setattr(ops, name, spy)
-    try:
-        yield
-    finally:
-        setattr(ops, name, real)
-
-
 def capture(config: str, N: int, d: int, C: int, K: int, target: tgt.Target, mode: str = "loss",
-            backward: str = "chunked", tau: float = 0.0) -> list[Launch]:
-    """The kernel launches of one forward (through the public API) and its backward (through the autograd
-    formulas registered in ops.py) for mode "loss" (reduction mean) or "logits".
+            backward: str = "auto", tau: float = 0.0, cache_bytes=fused._UNSET) -> list[Launch]:
+    """The kernel launches of one forward + backward of the public API, mode "loss" (reduction mean) or "logits".
 
-    Tensors live on the meta device (shapes and dtypes only: a CPU-only torch build cannot make CUDA views, even
-    fake ones); the API is told the backend is "triton" and the launchers plan for ``target``."""
-    from softtriple_triton import functional, ops
+    Tensors live on the meta device (shapes and dtypes only; autograd runs on them as usual); the API is told the
+    backend is "triton" and the launchers plan for ``target``. backward / cache_bytes: fused.set_triton_options
+    (the default "auto" takes the cached path when the forward's cache fits)."""
+    from softtriple_triton import functional
 
     emb_dt, fc_dt, autocast_dt, precision = CONFIGS[config]
-    old = fused.set_triton_options(backward=backward)
-    calls: list = []
+    old = fused.set_triton_options(backward=backward, cache_bytes=cache_bytes)
     try:
         with _policy(autocast_dt, precision), _on_meta(functional), tgt.simulate(target) as records:
-            emb = torch.empty((N, d), device="meta", dtype=emb_dt)
-            fc = torch.empty((d, C * K), device="meta", dtype=fc_dt)
-            ctx = _Ctx()
+            emb = torch.empty((N, d), device="meta", dtype=emb_dt, requires_grad=True)
+            fc = torch.empty((d, C * K), device="meta", dtype=fc_dt, requires_grad=True)
             if mode == "loss":
                 y = torch.zeros((N,), device="meta", dtype=torch.int64)
-                with _spy("loss_op", calls):
-                    st.softtriple_loss(emb, fc, y, K, tau=tau, backend="triton")
-                (args, out), = calls
-                ops._loss_setup(ctx, args, out)
-                ops._loss_backward(ctx, torch.full_like(out[0], 1.0 / N), None, None, None, None)
+                st.softtriple_loss(emb, fc, y, K, tau=tau, backend="triton").backward()
             else:
-                with _spy("logits_op", calls):
-                    st.softtriple_logits(emb, fc, K, backend="triton")
-                (args, out), = calls
-                ops._logits_setup(ctx, args, out)
-                ops._logits_backward(ctx, torch.ones_like(out[0]), None, None, None)
+                st.softtriple_logits(emb, fc, K, backend="triton").sum().backward()
             recorded = list(records)
     finally:
         fused.set_triton_options(**old)
@@ -333,26 +304,6 @@ class Cache:
                 json.dump(dict(sorted(self.data.items())), f, indent=0, sort_keys=True)
 
 
-def rows_for(config: str, K: int, target_name: str, cache: Cache, N: int = 4096, d: int = 512,
-             C: int | None = None, modes=("loss", "logits"), backwards=("chunked",)) -> list[dict]:
-    """One report row per distinct launch of the config (both modes, the given backwards) on one target."""
-    target = TARGETS[target_name]
-    C = C or max(1, 100_000 // K)
-    rows, seen = [], set()
-    for mode in modes:
-        for bwd in backwards:
-            for launch in capture(config, N, d, C, K, target, mode=mode, backward=bwd):
-                key = cache_key(launch, target)
-                if key in seen:
-                    continue
-                seen.add(key)
-                row = cache.get(launch, target)
-                row.update(config=config, K=K, target=target_name, mode=mode, backward=bwd, tile=tile_of(launch),
-                           N=N, d=d, C=C)
-                rows.append(row)
-    return rows
-
-
 def violations(row: dict) -> list[str]:
     """What the CI check rejects in a default launch of a tensor-core configuration."""
     bad = []
@@ -360,7 +311,7 @@ def violations(row: dict) -> list[str]:
         bad.append(f"spills {row['spill_stores']}/{row['spill_loads']} bytes")
     if row["shared"] > row["smem_limit"]:
         bad.append(f"shared memory {row['shared']} > {row['smem_limit']}")
-    has_dot = row["kernel"] != "softtriple_prepare_kernel"
+    has_dot = row["kernel"] in DOT_KERNELS
     if has_dot and row["config"] in TENSOR_CORE_CONFIGS and row["mma_count"] == 0:
         bad.append("no tensor-core MMA")
     if row["regs"] < 0:

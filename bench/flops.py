@@ -4,7 +4,7 @@
 Counted: every tl.dot that Triton's interpreter executes (its operand shapes, padded lanes and rows included:
 the work a GPU does) plus every torch matrix product (torch.utils.flop_counter.FlopCounterMode, also inside the
 custom ops' implementations, which an outer FlopCounterMode does not see). The Triton backend runs with the launch
-plan of a GPU target (tiles and splits of an H100 by default: kernels.target.simulate(..., record=False)).
+plan of a GPU target (tiles and splits of an H200 by default: kernels.target.simulate(..., record=False)).
 
     TRITON_INTERPRET=1 python bench/flops.py          # the table -> bench/results/gemm_equivalents.md (+ .csv)
 
@@ -100,9 +100,10 @@ class MatrixWork(contextlib.ContextDecorator):
         return False
 
 
-PATHS = [  # (label, backend, triton backward or torch cache budget)
-    ("triton, chunked backward (default)", "triton", "chunked"),
-    ("triton, two-kernel backward", "triton", "two_kernel"),
+PATHS = [  # (label, backend, option): triton -> fused.set_triton_options(**option), torch -> cache_bytes
+    ("triton, cached backward (default when the cache fits)", "triton", dict(backward="auto")),
+    ("triton, chunked backward (default otherwise)", "triton", dict(backward="chunked")),
+    ("triton, two-kernel backward", "triton", dict(backward="two_kernel")),
     ("torch backend, forward cache kept", "torch", 1 << 40),
     ("torch backend, recompute", "torch", 0),
     ("plain formula (eager / torch.compile)", "reference", None),
@@ -111,14 +112,14 @@ PATHS = [  # (label, backend, triton backward or torch cache budget)
 
 def count_step(backend: str, option, N: int, d: int, C: int, K: int, target=None) -> dict:
     """Matrix FLOPs of one forward + backward of softtriple_loss (tau = 0, fp32 inputs)."""
-    from softtriple_triton.kernels.target import H100, simulate
+    from softtriple_triton.kernels.target import H200, simulate
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, d, generator=g, requires_grad=True)
     w = torch.randn(d, C * K, generator=g, requires_grad=True)
     y = torch.randint(0, C, (N,), generator=g)
-    plan = simulate(target or H100, record=False) if backend == "triton" else contextlib.nullcontext()
-    old_t = fused.set_triton_options(backward=option) if backend == "triton" else None
+    plan = simulate(target or H200, record=False) if backend == "triton" else contextlib.nullcontext()
+    old_t = fused.set_triton_options(**option) if backend == "triton" else None
     old_c = st.set_memory_budget(cache_bytes=option) if backend == "torch" else None
     try:
         with plan, MatrixWork() as work:
@@ -149,7 +150,7 @@ def main():
         wr.writerows(rows)
     lines = ["# Matrix work per training step (GEMM-equivalents of 2 N d C K FLOPs)", "",
              "Counted by `TRITON_INTERPRET=1 python bench/flops.py`: tl.dot executed by the interpreter with an "
-             "H100's launch plan + torch matrix products (FlopCounterMode). tau = 0 (the regulariser is O(C K^2 d)).",
+             "H200's launch plan + torch matrix products (FlopCounterMode). tau = 0 (the regulariser is O(C K^2 d)).",
              "", "| shape | path | GEMM-eq. | in Triton dots | in torch products |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['path']} | **{r['total']:.2f}** | {r['triton']:.2f} | {r['torch']:.2f} |")

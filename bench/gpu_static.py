@@ -32,7 +32,7 @@ import aot  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "gpu-static")
 CACHE = os.path.join(OUT, "cache.json")
-COLUMNS = ["target", "config", "K", "mode", "backward", "kernel", "tile", "regs", "spill_stores", "spill_loads",
+COLUMNS = ["target", "config", "K", "mode", "path", "kernel", "tile", "regs", "spill_stores", "spill_loads",
            "shared", "mma", "mma_count", "fma", "ctas_per_sm", "programs", "waves"]
 CHECK_KS = (1, 3, 10)
 REPORT_KS = (1, 2, 3, 4, 10, 16)
@@ -80,18 +80,20 @@ def precompile(cache: aot.Cache, pairs, jobs: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- report
-def collect(cache, configs, ks, targets, modes, backwards, jobs):
+def collect(cache, configs, ks, targets, modes, paths, jobs):
     plans = []
-    for config, K, tname, mode, bwd in itertools.product(configs, ks, targets, modes, backwards):
+    for config, K, tname, mode, path in itertools.product(configs, ks, targets, modes, paths):
+        if mode == "logits" and path == "cached":
+            continue  # the logits have no cached path
         target = aot.TARGETS[tname]
         C = max(1, 100_000 // K)
-        for launch in aot.capture(config, 4096, 512, C, K, target, mode=mode, backward=bwd):
-            plans.append((dict(config=config, K=K, target=tname, mode=mode, backward=bwd), launch, target))
+        for launch in aot.capture(config, 4096, 512, C, K, target, mode=mode, **aot.PATHS[path]):
+            plans.append((dict(config=config, K=K, target=tname, mode=mode, path=path), launch, target))
     errors = precompile(cache, [(launch, target) for _, launch, target in plans], jobs)
     rows, seen = [], set()
     for info, launch, target in plans:
         key = aot.cache_key(launch, target)
-        tag = (key, info["config"], info["K"], info["mode"], info["backward"], launch.grid)
+        tag = (key, info["config"], info["K"], info["mode"], info["path"], launch.grid)
         if tag in seen:
             continue
         seen.add(tag)
@@ -131,10 +133,10 @@ def _shape(instr: str) -> str:
 
 def markdown(rows, title):
     lines = [f"### {title}", "",
-             "| target | config | K | mode | backward | kernel | tile | regs | spill B (st/ld) | smem B | MMA | "
+             "| target | config | K | mode | path | kernel | tile | regs | spill B (st/ld) | smem B | MMA | "
              "#MMA | CTAs/SM | waves |", "|" + "---|" * 14]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['config']} | {r['K']} | {r['mode']} | {r['backward']} | "
+        lines.append(f"| {r['target']} | {r['config']} | {r['K']} | {r['mode']} | {r['path']} | "
                      f"{r['kernel'].replace('softtriple_', '').replace('_kernel', '')} | {r['tile']} | {r['regs']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {short_mma(r['mma'])} | "
                      f"{r['mma_count']} | {r['ctas_per_sm']} | {r['waves']} |")
@@ -142,7 +144,7 @@ def markdown(rows, title):
 
 
 def run_check(cache, jobs) -> int:
-    rows = collect(cache, aot.MAIN_CONFIGS, CHECK_KS, ("sm90", "sm80"), ("loss", "logits"), ("chunked",), jobs)
+    rows = collect(cache, aot.MAIN_CONFIGS, CHECK_KS, ("sm90", "sm80"), ("loss", "logits"), aot.DEFAULT_PATHS, jobs)
     bad = [(r, aot.violations(r)) for r in rows]
     bad = [(r, v) for r, v in bad if v]
     print(markdown(rows, "default variants (CI check)"))
@@ -155,12 +157,13 @@ def run_check(cache, jobs) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- sweep
-SWEEP_KINDS = {  # kernel kind -> (mode, backward) whose capture contains it
-    "forward": ("loss", "chunked"), "grad": ("loss", "chunked"),
-    "backward_x": ("loss", "two_kernel"), "backward_w": ("loss", "two_kernel"),
+SWEEP_KINDS = {  # kernel kind -> backward path whose capture contains it
+    "forward": "chunked", "forward_cache": "cached", "grad": "chunked",
+    "backward_x": "two_kernel", "backward_w": "two_kernel",
 }
-KIND_KERNEL = {"forward": "softtriple_fwd_kernel", "grad": "softtriple_grad_chunk_kernel",
-               "backward_x": "softtriple_bwd_x_kernel", "backward_w": "softtriple_bwd_w_kernel"}
+KIND_KERNEL = {"forward": "softtriple_fwd_kernel", "forward_cache": "softtriple_fwd_kernel",
+               "grad": "softtriple_grad_chunk_kernel", "backward_x": "softtriple_bwd_x_kernel",
+               "backward_w": "softtriple_bwd_w_kernel"}
 SWEEP_CONFIGS = {"mma16": "bf16/fp32", "tf32": "fp32@high", "fp32": "fp32@highest", "fp64": "fp64"}
 
 
@@ -178,14 +181,14 @@ def run_sweep(cache, jobs, ks=(1, 10), archs=("sm90", "sm80")):
 
     plans = []
     for kind, dclass, arch, K in itertools.product(SWEEP_KINDS, SWEEP_CONFIGS, archs, ks):
-        mode, bwd = SWEEP_KINDS[kind]
+        path = SWEEP_KINDS[kind]
         target = aot.TARGETS[arch]
         for rule in candidates(dclass):
             saved = kc.TILE_RULES[(kind, arch, dclass)]
             kc.TILE_RULES[(kind, arch, dclass)] = rule
             try:
-                launches = aot.capture(SWEEP_CONFIGS[dclass], 4096, 512, max(1, 100_000 // K), K, target, mode=mode,
-                                       backward=bwd)
+                options = dict(aot.PATHS[path], **({"cache_bytes": 1 << 62} if path == "cached" else {}))
+                launches = aot.capture(SWEEP_CONFIGS[dclass], 4096, 512, max(1, 100_000 // K), K, target, **options)
             finally:
                 kc.TILE_RULES[(kind, arch, dclass)] = saved
             launch = next(la for la in launches if la.kernel.fn.__name__ == KIND_KERNEL[kind])
@@ -257,7 +260,7 @@ def main(argv=None):
             return 0
         configs = tuple(aot.CONFIGS)
         rows = collect(cache, configs, REPORT_KS, ("sm90", "sm80", "gfx942"), ("loss", "logits"),
-                       ("chunked", "two_kernel"), args.jobs)
+                       tuple(aot.PATHS), args.jobs)
         write_csv(os.path.join(OUT, "report.csv"), rows)
         write_summary(rows)
         print(f"{len(rows)} rows -> {OUT}/report.csv, summary.md")
@@ -274,16 +277,16 @@ def write_summary(rows):
 
     main_rows = [r for r in rows if r["config"] in ("bf16/fp32", "fp32@high", "fp64") and r["K"] in (1, 10)
                  and r["mode"] == "loss"]
-    tc = [r for r in rows if r["config"] in aot.TENSOR_CORE_CONFIGS and r["backward"] == "chunked"
+    tc = [r for r in rows if r["config"] in aot.TENSOR_CORE_CONFIGS and r["path"] in aot.DEFAULT_PATHS
           and r["target"] != "gfx942"]
     spilled = [r for r in tc if r["spill_stores"] or r["spill_loads"]]
-    no_mma = [r for r in tc if r["mma_count"] == 0 and r["kernel"] != "softtriple_prepare_kernel"]
+    no_mma = [r for r in tc if r["mma_count"] == 0 and r["kernel"] in aot.DOT_KERNELS]
     text = ["# Compiled-code report (ahead of time, no GPU)", "",
             f"triton {triton.__version__}, torch {torch.__version__}, python {platform.python_version()}; "
             "shapes N=4096 d=512 C*K=100k (C = 100000 // K); produced by `python bench/gpu_static.py`.", "",
-            f"- {len(rows)} distinct launches (configs x K in {REPORT_KS} x loss/logits x chunked/two_kernel "
+            f"- {len(rows)} distinct launches (configs x K in {REPORT_KS} x loss/logits x cached/chunked/two_kernel "
             "backward x sm90/sm80/gfx942).",
-            f"- Tensor-core configurations, default (chunked) path, sm90 + sm80: {len(tc)} launches, "
+            f"- Tensor-core configurations, default paths (cached, chunked), sm90 + sm80: {len(tc)} launches, "
             f"{len(spilled)} with spills, {len(no_mma)} dot kernels without MMA.", "",
             markdown(main_rows, "main cases (loss, K in {1, 10})"), "",
             "Full table: report.csv. Columns: regs = registers per thread (VGPR+AGPR on gfx942), spill bytes per "

@@ -9,6 +9,7 @@ to capture exactly the launches the public API makes and compile them ahead of t
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class Target:
     arch: object        # 90, 80 (cuda compute capability x 10), "gfx942" (hip), None (interpreter)
     sms: int            # streaming multiprocessors (compute units)
     warp_size: int = 32
+    memory: int = 0     # device memory in bytes (0: unknown)
 
     @property
     def tensor_cores(self) -> bool:
@@ -31,9 +33,10 @@ class Target:
 
 
 INTERPRETER = Target("interpreter", None, 1)
-H100 = Target("cuda", 90, 132)      # also the H200 (same SM count)
-A100 = Target("cuda", 80, 108)
-MI300X = Target("hip", "gfx942", 304, 64)
+H200 = Target("cuda", 90, 132, memory=141 << 30)   # the H100's chip (132 SMs) with 141 GB
+H100 = Target("cuda", 90, 132, memory=80 << 30)
+A100 = Target("cuda", 80, 108, memory=80 << 30)
+MI300X = Target("hip", "gfx942", 304, 64, memory=192 << 30)
 
 _state = threading.local()
 
@@ -53,10 +56,15 @@ def target_of(device: torch.device) -> Target:
         return sim
     if device.type != "cuda" or interpreting():
         return INTERPRETER
-    props = torch.cuda.get_device_properties(device)
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _device_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
     if getattr(torch.version, "hip", None):
-        return Target("hip", props.gcnArchName.split(":")[0], props.multi_processor_count, 64)
-    return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count)
+        return Target("hip", props.gcnArchName.split(":")[0], props.multi_processor_count, 64, props.total_memory)
+    return Target("cuda", props.major * 10 + props.minor, props.multi_processor_count, 32, props.total_memory)
 
 
 @contextlib.contextmanager

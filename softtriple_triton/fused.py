@@ -35,14 +35,15 @@ from ._common import LossParams, acc_dtype, interpreter_serialised, inverse_colu
 
 BACKWARDS = ("auto", "chunked", "two_kernel")
 DEFAULT_CHUNK_BYTES = 256 << 20
-DEFAULT_CACHE_BYTES = 1 << 30
+INTERPRETER_CACHE_BYTES = 1 << 30
 
-_options: dict[str, str | int] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
-                                  "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": DEFAULT_CACHE_BYTES}
+_options: dict[str, str | int | None] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
+                                         "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": None}
+_UNSET = object()
 
 
 def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None,
-                       cache_bytes: int | None = None) -> dict:
+                       cache_bytes=_UNSET) -> dict:
     """Configure the Triton backend's backward; returns the previous values.
 
     backward: "auto" (default: the cached path when the forward's cache fits ``cache_bytes``, else "chunked"),
@@ -50,18 +51,24 @@ def set_triton_options(backward: str | None = None, chunk_bytes: int | None = No
         for comparison). SOFTTRIPLE_TRITON_BACKWARD sets it at import.
     chunk_bytes: bound of the chunked backward's dL/ds buffer (default 256 MiB).
     cache_bytes: bound of the forward's cache and of dL/ds made from it, N * C*K * (factor size + product size)
-        + N * C * 4 (default 1 GiB; 0 disables the cache).
+        + N * C * 4 bytes; None (the default) is 1/32 of the GPU's memory (4.4 GB on an H200, 2.5 GB on an 80 GB
+        card; 1 GiB under the interpreter); 0 disables the cache.
     """
     old = dict(_options)
     if backward is not None:
         if backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
         _options["backward"] = backward
-    for name, value, least in (("chunk_bytes", chunk_bytes, 1), ("cache_bytes", cache_bytes, 0)):
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least} (bytes), got {value!r}")
-            _options[name] = value
+    if chunk_bytes is not None:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be an int >= 1 (bytes), got {chunk_bytes!r}")
+        _options["chunk_bytes"] = chunk_bytes
+    if cache_bytes is not _UNSET:
+        if cache_bytes is not None and (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int)
+                                        or cache_bytes < 0):
+            raise ValueError(f"cache_bytes must be None (1/32 of the GPU's memory) or an int >= 0 (bytes), got "
+                             f"{cache_bytes!r}")
+        _options["cache_bytes"] = cache_bytes
     return old
 
 
@@ -125,14 +132,24 @@ def _serialised(fn):
     return wrapper
 
 
-def cache_fits(N: int, C: int, K: int, dtype: torch.dtype) -> bool:
+def cache_budget(device: torch.device) -> int:
+    """The cache budget in bytes for a device under the current options."""
+    from .kernels.target import target_of
+
+    if _options["cache_bytes"] is not None:
+        return int(_options["cache_bytes"])
+    memory = target_of(device).memory
+    return memory // 32 if memory else INTERPRETER_CACHE_BYTES
+
+
+def cache_fits(N: int, C: int, K: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the forward keeps the factor cache for this shape under the current options: the factor, the logits
-    and, during the backward, dL/ds beside them must fit ``cache_bytes``."""
+    and, during the backward, dL/ds beside them must fit the cache budget."""
     if _options["backward"] != "auto":
         return False
     item = torch.empty((), dtype=dtype).element_size()
     z = 8 if dtype == torch.float64 else 4
-    return N * C * (K * 2 * item + z) <= int(_options["cache_bytes"])
+    return N * C * (K * 2 * item + z) <= cache_budget(device)
 
 
 def _prepare(x: Tensor, fc: Tensor, dtype: torch.dtype):
@@ -162,7 +179,7 @@ def loss_forward(x: Tensor, fc: Tensor, labels: Tensor, p: LossParams, dtype: to
 
     xp, wt, rw = _prepare(x, fc, dtype)
     N, C = x.shape[0], fc.shape[1] // p.K
-    if keep and cache_fits(N, C, p.K, dtype):
+    if keep and cache_fits(N, C, p.K, dtype, x.device):
         fac = torch.empty((N, C * p.K), dtype=factor_dtype(dtype), device=x.device)
         z = torch.empty((N, C), dtype=acc_dtype(dtype), device=x.device)
         rows, lse = softtriple_forward(xp, wt, labels, p, cache=(fac, z, factor_scale(xp, p.gamma)[0]))

@@ -71,7 +71,7 @@ def _(x, fc, labels, K, la, gamma, margin, dtype, keep):
     if _capturing():
         return fused.loss_forward(x, fc, labels, p, dtype, keep)
     n, C = x.shape[0], fc.shape[1] // K
-    if keep and fused.cache_fits(n, C, K, dtype):
+    if keep and fused.cache_fits(n, C, K, dtype, x.device):
         from .kernels.forward import factor_dtype
         cache = (x.new_empty((n, C * K), dtype=factor_dtype(dtype)), x.new_empty((n, C)))
     else:
