@@ -27,6 +27,7 @@ accumulation (fp64 for fp64). fp16 gradients are pre-scaled by a power of two in
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,7 @@ BACKWARDS = ("auto", "chunked", "two_kernel")
 DEFAULT_CHUNK_BYTES = 256 << 20
 INTERPRETER_CACHE_BYTES = 1 << 30
 
-_options: dict[str, str | int | None] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
+_options: dict[str, Any] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
                                          "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": None}
 _UNSET = object()
 
