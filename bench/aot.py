@@ -270,8 +270,8 @@ def grid_facts(row: dict, launch: Launch, target: tgt.Target) -> dict:
 
 def tile_of(launch: Launch) -> str:
     kw = launch.kwargs
-    if "BLOCK_N" not in kw:
-        return f"{kw.get('BLOCK_D')}x{kw.get('BLOCK_M')}"
+    if "BLOCK_C" not in kw:  # the element-wise kernels
+        return "x".join(str(kw[k]) for k in ("BLOCK_N", "BLOCK_D", "BLOCK_M") if k in kw)
     lanes = kw["BLOCK_C"] * (kw["KA"] + kw["KB"])
     return (f"{kw['BLOCK_N']}x{lanes} (BC={kw['BLOCK_C']} KA={kw['KA']} KB={kw['KB']}) d{kw['BLOCK_D']} "
             f"w{kw['num_warps']} s{kw['num_stages']}")

@@ -1,7 +1,7 @@
 """Host side of the fused (Triton) backend: what each torch.library op of ops.py does (layer 2).
 
-Forward: inverse column norms rw of the centers, the prepared centers wt = (fc * rw).T in the product dtype
-(kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the op, saved for
+Forward: the inverse column norms rw of the centers and the prepared centers wt = (fc * rw).T in the product dtype
+(one kernel, kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the op, saved for
 the backward. When gradients are wanted and the factor cache fits ``cache_bytes``, the forward also stores the
 gradient factor a = p (1 + (s - S) / gamma) per lane and the class logits z (kernels/forward.py, CACHE).
 
@@ -71,15 +71,6 @@ def set_triton_options(backward: str | None = None, chunk_bytes: int | None = No
                              f"{cache_bytes!r}")
         _options["cache_bytes"] = cache_bytes
     return old
-
-
-def inverse_norms(fc: Tensor, acc: torch.dtype) -> Tensor:
-    """rw = 1 / max(||fc_j||, 1e-12) in ``acc`` (F.normalize's semantics) for any finite fc. Centers in fp32 or
-    lower: one pass summing the squares in fp64, which cannot overflow; fp64 centers: _common.inverse_column_norms
-    (columns scaled by a power of two first)."""
-    if fc.dtype == torch.float64:
-        return inverse_column_norms(fc)
-    return torch.linalg.vector_norm(fc, dim=0, dtype=torch.float64).to(acc).clamp_min(1e-12).reciprocal()
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
@@ -157,8 +148,8 @@ def _prepare(x: Tensor, fc: Tensor, dtype: torch.dtype):
     """(x in the product dtype, the prepared centers wt, the inverse column norms rw)."""
     from .kernels.prepare import prepare_centers
 
-    rw = inverse_norms(fc, acc_dtype(dtype))
-    return x.to(dtype), prepare_centers(fc, rw, dtype), rw
+    wt, rw = prepare_centers(fc, dtype, acc_dtype(dtype))
+    return x.to(dtype), wt, rw
 
 
 def product_operand(x: Tensor, xp: Tensor) -> Tensor:

@@ -189,12 +189,24 @@ def test_padded_lanes_never_leak_into_results(K):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_prepared_centers_are_the_rounded_normalised_columns(dtype):
     fc = torch.randn(33, 70, dtype=torch.float64, device=TRITON_DEVICE)[:, 3:60]  # strided columns
-    rw = 1.0 / fc.norm(dim=0)
+    fc[:, 5] = 0.0                                                                  # F.normalize: 1 / max(norm, 1e-12)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    got = prepare_centers(fc.to(dtype), rw.to(acc), dtype)
-    want = (fc.to(dtype).to(acc) * rw.to(acc)).t().to(dtype)
-    assert got.is_contiguous() and got.dtype == dtype
-    assert torch.equal(got, want)
+    f = fc.to(dtype)
+    wt, rw = prepare_centers(f, dtype, acc)
+    want_rw = (1.0 / f.double().norm(dim=0).clamp_min(1e-12)).to(acc)
+    assert wt.is_contiguous() and wt.dtype == dtype and rw.dtype == acc
+    assert rel_err(rw, want_rw) < (1e-15 if acc == torch.float64 else 1e-7)
+    assert torch.equal(wt, (f.to(acc) * rw).t().to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_prepared_centers_of_huge_columns(dtype):
+    """No overflow of the squares: fp32 sums them in fp64, fp64 scales each column by its largest entry."""
+    big = 1e30 if dtype == torch.float32 else 1e200
+    fc = torch.randn(16, 8, dtype=torch.float64, device=TRITON_DEVICE) * big
+    wt, rw = prepare_centers(fc.to(dtype), dtype, dtype)
+    want = (fc / fc.norm(dim=0)).t() if dtype == torch.float32 else (fc / (fc / big).norm(dim=0) / big).t()
+    assert torch.isfinite(wt).all() and rel_err(wt, want) < (1e-6 if dtype == torch.float32 else 1e-14)
 
 
 def test_operand_checks_name_the_problem():
