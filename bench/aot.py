@@ -49,7 +49,7 @@ MAIN_CONFIGS = ("bf16/fp32", "fp16/fp32", "bf16/bf16", "fp32@high")   # the CI c
 TENSOR_CORE_CONFIGS = ("bf16/fp32", "fp16/fp32", "bf16/bf16", "fp32@high", "autocast-bf16")
 TARGETS = {"sm90": tgt.H200, "sm80": tgt.A100, "gfx942": tgt.MI300X}
 # backward paths: name -> fused.set_triton_options arguments (the defaults take "cached" when the cache fits)
-PATHS = {"cached": dict(backward="auto"), "chunked": dict(backward="auto", cache_bytes=0),
+PATHS = {"cached": dict(backward="auto", cache_bytes=1 << 62), "chunked": dict(backward="auto", cache_bytes=0),
          "two_kernel": dict(backward="two_kernel")}
 DEFAULT_PATHS = ("cached", "chunked")
 DOT_KERNELS = ("softtriple_fwd_kernel", "softtriple_grad_chunk_kernel", "softtriple_bwd_x_kernel",

@@ -167,28 +167,32 @@ KIND_KERNEL = {"forward": "softtriple_fwd_kernel", "forward_cache": "softtriple_
 SWEEP_CONFIGS = {"mma16": "bf16/fp32", "tf32": "fp32@high", "fp32": "fp32@highest", "fp64": "fp64"}
 
 
-def candidates(dclass):
+def candidates(kind, dclass):
+    """Tensor-core friendly candidates (BLOCK_N x lanes >= 64 x 64, d chunk 32-64, 4 or 8 warps, 2-3 stages) for
+    the default kernels; a few for the two-kernel backward and for the FMA-unit dtypes (fp32 IEEE, fp64)."""
+    rule = aot.tile_rule
+    if dclass in ("mma16", "tf32") and kind in ("forward", "forward_cache", "grad"):
+        return [rule(64, 128, 64, 4, 3), rule(64, 128, 64, 8, 3), rule(128, 128, 64, 8, 3), rule(128, 128, 64, 8, 2),
+                rule(128, 64, 64, 4, 3), rule(128, 64, 64, 8, 3), rule(64, 64, 64, 4, 3), rule(64, 256, 64, 8, 2),
+                rule(128, 128, 32, 8, 3), rule(64, 128, 32, 4, 3)]
     if dclass in ("mma16", "tf32"):
-        shapes = [(64, 64), (64, 128), (128, 64), (128, 128), (64, 256)]
-        return [aot.tile_rule(bn, ln, bd, w, s) for (bn, ln), bd, w, s in
-                itertools.product(shapes, (32, 64), (4, 8), (2, 3))]
-    return [aot.tile_rule(bn, ln, bd, w, 2) for (bn, ln), bd, w in
-            itertools.product([(32, 32), (64, 32), (32, 64), (64, 64)], (16, 32), (4, 8))]
+        return [rule(64, 128, 64, 8, 2), rule(64, 64, 64, 4, 2), rule(128, 64, 32, 8, 2), rule(64, 64, 32, 4, 2)]
+    return [rule(32, 32, 32, 4, 2), rule(64, 32, 16, 4, 2), rule(32, 64, 16, 4, 2), rule(64, 64, 16, 8, 2)]
 
 
-def run_sweep(cache, jobs, ks=(1, 10), archs=("sm90", "sm80")):
+def run_sweep(cache, jobs, ks=(1, 3, 10), archs=("sm90", "sm80")):
     from softtriple_triton.kernels import config as kc
 
     plans = []
     for kind, dclass, arch, K in itertools.product(SWEEP_KINDS, SWEEP_CONFIGS, archs, ks):
         path = SWEEP_KINDS[kind]
         target = aot.TARGETS[arch]
-        for rule in candidates(dclass):
+        for rule in candidates(kind, dclass):
             saved = kc.TILE_RULES[(kind, arch, dclass)]
             kc.TILE_RULES[(kind, arch, dclass)] = rule
             try:
-                options = dict(aot.PATHS[path], **({"cache_bytes": 1 << 62} if path == "cached" else {}))
-                launches = aot.capture(SWEEP_CONFIGS[dclass], 4096, 512, max(1, 100_000 // K), K, target, **options)
+                launches = aot.capture(SWEEP_CONFIGS[dclass], 4096, 512, max(1, 100_000 // K), K, target,
+                                       **aot.PATHS[path])
             finally:
                 kc.TILE_RULES[(kind, arch, dclass)] = saved
             launch = next(la for la in launches if la.kernel.fn.__name__ == KIND_KERNEL[kind])
