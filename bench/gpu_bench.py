@@ -277,7 +277,7 @@ def write(out, rows, device):
             if ms is None:
                 lines.append(f"| {r['provider']} | {r['status']} | | | | | |")
                 continue
-            def ratio(b, inverse=False):
+            def ratio(b, inverse=False, ms=ms):
                 if not b:
                     return ""
                 return f"{(b / ms):.2f}x" if inverse else f"{ms / b:.2f}"

@@ -20,9 +20,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import aot  # noqa: E402
 import torch  # noqa: E402
 
-import aot  # noqa: E402
 import softtriple_triton as st  # noqa: E402
 from softtriple_triton import fused  # noqa: E402
 from softtriple_triton.kernels import backward_w, backward_x, center_grad, forward, grad_cached, grad_chunk, prepare  # noqa: E402

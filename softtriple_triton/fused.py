@@ -1,8 +1,8 @@
 """Host side of the fused (Triton) backend: what each torch.library op of ops.py does (layer 2).
 
-Forward: the inverse column norms rw of the centers and the prepared centers wt = (fc * rw).T in the product dtype
-(one kernel, kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the op, saved for
-the backward. When gradients are wanted and the factor cache fits ``cache_bytes``, the forward also stores the
+Forward: the inverse column norms rw of the centers and the prepared centers wt = (fc * rw).T in the product
+dtype (one kernel, kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the
+op, saved for the backward. When gradients are wanted and the factor cache fits ``cache_bytes``, the forward also stores the
 gradient factor a = p (1 + (s - S) / gamma) per lane and the class logits z (kernels/forward.py, CACHE).
 
 Backward, three paths (docs/design.md has the cost model that chose them):
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import LossParams, acc_dtype, interpreter_serialised, inverse_column_norms
+from ._common import LossParams, acc_dtype, interpreter_serialised
 
 BACKWARDS = ("auto", "chunked", "two_kernel")
 DEFAULT_CHUNK_BYTES = 256 << 20
