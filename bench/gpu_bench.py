@@ -277,11 +277,8 @@ def write(out, rows, device):
             if ms is None:
                 lines.append(f"| {r['provider']} | {r['status']} | | | | | |")
                 continue
-            def ratio(b, inverse=False, ms=ms):
-                if not b:
-                    return ""
-                return f"{(b / ms):.2f}x" if inverse else f"{ms / b:.2f}"
-            lines.append(f"| {r['provider']} | {ms:.3f} | {ratio(floor)} | {ratio(comp, True)} | {ratio(eager, True)} "
+            lines.append(f"| {r['provider']} | {ms:.3f} | {_ratio(ms, floor)} | {_ratio(ms, comp, True)} | "
+                         f"{_ratio(ms, eager, True)} "
                          f"| {r.get('peak_mib', float('nan')):.0f} | {r.get('check_rel', float('nan')):.1e} |")
         lines.append("")
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -290,6 +287,12 @@ def write(out, rows, device):
         plot(out, rows)
     except Exception as e:
         print("plot failed:", e)
+
+
+def _ratio(ms, b, inverse=False):
+    if not b:
+        return ""
+    return f"{(b / ms):.2f}x" if inverse else f"{ms / b:.2f}"
 
 
 def plot(out, rows):

@@ -1,9 +1,9 @@
 """Host side of the fused (Triton) backend: what each torch.library op of ops.py does (layer 2).
 
 Forward: the inverse column norms rw of the centers and the prepared centers wt = (fc * rw).T in the product
-dtype (one kernel, kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of the
-op, saved for the backward. When gradients are wanted and the factor cache fits ``cache_bytes``, the forward also stores the
-gradient factor a = p (1 + (s - S) / gamma) per lane and the class logits z (kernels/forward.py, CACHE).
+dtype (one kernel, kernels/prepare.py), then the forward kernel (one GEMM-equivalent). rw and wt are outputs of
+the op, saved for the backward. When gradients are wanted and the cache fits its budget, the forward also stores
+the gradient factor a = p (1 + (s - S) / gamma) per lane and the class logits z (kernels/forward.py, CACHE).
 
 Backward, three paths (docs/design.md has the cost model that chose them):
   "cached"     (default when the forward cached; 2 GEMM-equivalents, 3 per step): dL/ds = dL/dS * a in one
