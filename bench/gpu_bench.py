@@ -105,7 +105,7 @@ class Timer:
                 t = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t)
-        q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
         return statistics.median(times), q[0], q[-1]
 
     @staticmethod
