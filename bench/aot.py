@@ -67,18 +67,24 @@ class Launch:
 # ----------------------------------------------------------------------------------------------------- capture
 @contextlib.contextmanager
 def _policy(autocast_dtype, precision):
-    """Simulated autocast (a CPU-only torch build cannot enter CUDA autocast) and the matmul precision."""
+    """The matmul precision, and a simulated autocast (a CPU-only torch build cannot enter CUDA autocast, and meta
+    tensors have none): product_dtype answers as under torch.autocast(dtype=autocast_dtype)."""
+    from softtriple_triton import functional
+
     old_prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
-    saved = torch.is_autocast_enabled, torch.get_autocast_dtype
+    real = functional.product_dtype
     if autocast_dtype is not None:
-        torch.is_autocast_enabled = lambda *a: True if (not a or a[0] == "meta") else saved[0](*a)
-        torch.get_autocast_dtype = lambda dev: autocast_dtype if dev == "meta" else saved[1](dev)
+        def under_autocast(emb_dtype, fc_dtype, device_type):
+            if torch.float64 in (emb_dtype, fc_dtype):
+                return torch.float64
+            return autocast_dtype
+        functional.product_dtype = under_autocast
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(old_prec)
-        torch.is_autocast_enabled, torch.get_autocast_dtype = saved
+        functional.product_dtype = real
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ CACHE = os.path.join(OUT, "cache.json")
 COLUMNS = ["target", "config", "K", "mode", "path", "kernel", "tile", "regs", "spill_stores", "spill_loads",
            "shared", "mma", "mma_count", "fma", "ctas_per_sm", "programs", "waves"]
 CHECK_KS = (1, 3, 10)
-REPORT_KS = (1, 2, 3, 4, 10, 16)
+REPORT_KS = (1, 3, 10)
 
 
 # ------------------------------------------------------------------------------------------ parallel compiles
@@ -174,10 +174,12 @@ def candidates(kind, dclass):
     if dclass in ("mma16", "tf32") and kind in ("forward", "forward_cache", "grad"):
         return [rule(64, 128, 64, 4, 3), rule(64, 128, 64, 8, 3), rule(128, 128, 64, 8, 3), rule(128, 128, 64, 8, 2),
                 rule(128, 64, 64, 4, 3), rule(128, 64, 64, 8, 3), rule(64, 64, 64, 4, 3), rule(64, 256, 64, 8, 2),
-                rule(128, 128, 32, 8, 3), rule(64, 128, 32, 4, 3)]
+                rule(128, 128, 32, 8, 3), rule(64, 128, 32, 4, 3), rule(64, 64, 32, 4, 3), rule(64, 64, 64, 8, 3),
+                rule(128, 64, 32, 8, 3)]
     if dclass in ("mma16", "tf32"):
         return [rule(64, 128, 64, 8, 2), rule(64, 64, 64, 4, 2), rule(128, 64, 32, 8, 2), rule(64, 64, 32, 4, 2)]
-    return [rule(32, 32, 32, 4, 2), rule(64, 32, 16, 4, 2), rule(32, 64, 16, 4, 2), rule(64, 64, 16, 8, 2)]
+    return [rule(32, 32, 32, 4, 2), rule(64, 32, 16, 4, 2), rule(32, 64, 16, 4, 2), rule(64, 64, 16, 8, 2),
+            rule(32, 32, 16, 4, 2), rule(32, 64, 32, 8, 2), rule(64, 32, 16, 8, 2)]
 
 
 def run_sweep(cache, jobs, ks=(1, 3, 10), archs=("sm90", "sm80")):
@@ -187,16 +189,18 @@ def run_sweep(cache, jobs, ks=(1, 3, 10), archs=("sm90", "sm80")):
     for kind, dclass, arch, K in itertools.product(SWEEP_KINDS, SWEEP_CONFIGS, archs, ks):
         path = SWEEP_KINDS[kind]
         target = aot.TARGETS[arch]
-        for rule in candidates(kind, dclass):
-            saved = kc.TILE_RULES[(kind, arch, dclass)]
-            kc.TILE_RULES[(kind, arch, dclass)] = rule
+        modes = ("loss", "logits") if kind in ("forward", "grad") else ("loss",)  # the logits reuse these kernels
+        for rule, mode in itertools.product(candidates(kind, dclass), modes):
+            slot = (kind, kc.arch_family(target), dclass)
+            saved = kc.TILE_RULES[slot]
+            kc.TILE_RULES[slot] = rule
             try:
                 launches = aot.capture(SWEEP_CONFIGS[dclass], 4096, 512, max(1, 100_000 // K), K, target,
-                                       **aot.PATHS[path])
+                                       mode=mode, **aot.PATHS[path])
             finally:
-                kc.TILE_RULES[(kind, arch, dclass)] = saved
+                kc.TILE_RULES[slot] = saved
             launch = next(la for la in launches if la.kernel.fn.__name__ == KIND_KERNEL[kind])
-            plans.append((dict(kind=kind, dclass=dclass, arch=arch, K=K, rule=rule), launch, target))
+            plans.append((dict(kind=kind, dclass=dclass, arch=arch, K=K, mode=mode, rule=rule), launch, target))
     errors = precompile(cache, [(la, t) for _, la, t in plans], jobs)
     cache.save()
     rows = []
@@ -212,9 +216,9 @@ def run_sweep(cache, jobs, ks=(1, 3, 10), archs=("sm90", "sm80")):
             row.update({k: r[k] for k in ("regs", "spill_stores", "spill_loads", "shared", "mma_count", "ctas_per_sm",
                                           "smem_limit")})
         rows.append(row)
-    cols = ["kind", "dclass", "arch", "K", "block_n", "lanes", "block_d", "num_warps", "num_stages", "tile", "regs",
+    cols = ["kind", "dclass", "arch", "K", "mode", "block_n", "lanes", "block_d", "num_warps", "num_stages", "tile", "regs",
             "spill_stores", "spill_loads", "shared", "mma_count", "ctas_per_sm", "error"]
-    write_csv(os.path.join(OUT, "sweep.csv"), rows, cols)
+    write_csv(os.path.join(OUT, "sweep.csv" if archs == ("sm90", "sm80") else f"sweep-{'-'.join(archs)}.csv"), rows, cols)
     print(choose(rows))
 
 
@@ -253,6 +257,7 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="CI check of the default tensor-core variants")
     ap.add_argument("--sweep", action="store_true", help="tile sweep (writes sweep.csv)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--archs", default="sm90,sm80", help="--sweep: the architectures (sm90, sm80, gfx942)")
     ap.add_argument("--cache", default=CACHE, help="analysis cache (JSON); '' disables it")
     args = ap.parse_args(argv)
     cache = aot.Cache(args.cache or None)
@@ -260,7 +265,7 @@ def main(argv=None):
         if args.check:
             return run_check(cache, args.jobs)
         if args.sweep:
-            run_sweep(cache, args.jobs)
+            run_sweep(cache, args.jobs, archs=tuple(args.archs.split(",")))
             return 0
         configs = tuple(aot.CONFIGS)
         rows = collect(cache, configs, REPORT_KS, ("sm90", "sm80", "gfx942"), ("loss", "logits"),

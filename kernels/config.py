@@ -106,19 +106,59 @@ class TileRule:
     num_stages: int
 
 
-# Defaults chosen from the compiled-code sweep (bench/gpu_static.py --sweep; bench/results/gpu-static/sweep.csv):
-# tensor-core friendly tiles without register spills on sm_90 and sm_80. Keys: (kernel, arch family, dtype
-# class). "forward" also serves the logits; "forward_cache" is the forward that also stores the gradient factor;
-# "grad" the dL/ds chunk kernel; backward_x/backward_w the two-kernel backward.
+# Defaults chosen from the compiled-code sweep (bench/gpu_static.py --sweep; bench/results/gpu-static/sweep.csv): per
+# (kernel, architecture, dtype class) the candidate without register spills for K in {1, 3, 10} (the loss and, for
+# the kernels they share, the logits), within the shared memory limit, with matrix instructions where the dtype has
+# them and >= 8 resident warps per SM, with the largest tile (then the most resident warps, then the most stages).
+# _R(block_n, lanes, block_d, warps, stages).
+# Keys: (kernel, arch family, dtype class). "forward" also serves the logits; "forward_cache" is the forward that
+# also stores the gradient factor; "grad" the dL/ds chunk kernel; backward_x/backward_w the two-kernel backward.
 _R = TileRule
-TILE_RULES: dict[tuple[str, str, str], TileRule] = {}
-KERNEL_KINDS = ("forward", "forward_cache", "grad", "backward_x", "backward_w")
-for _kind in KERNEL_KINDS:
-    for _arch in ("sm90", "sm80", "gfx9"):
-        TILE_RULES[(_kind, _arch, "mma16")] = _R(64, 128, 64, 4, 3)
-        TILE_RULES[(_kind, _arch, "tf32")] = _R(64, 128, 32, 4, 3)
-        TILE_RULES[(_kind, _arch, "fp32")] = _R(64, 64, 32, 4, 2)
-        TILE_RULES[(_kind, _arch, "fp64")] = _R(32, 32, 32, 4, 2)
+TILE_RULES: dict[tuple[str, str, str], TileRule] = {
+    ("backward_w", "sm80", "fp32"): _R(64, 64, 16, 8, 2),
+    ("backward_w", "sm80", "fp64"): _R(64, 64, 16, 8, 2),
+    ("backward_w", "sm80", "mma16"): _R(128, 64, 32, 8, 2),
+    ("backward_w", "sm80", "tf32"): _R(128, 64, 32, 8, 2),
+    ("backward_w", "sm90", "fp32"): _R(32, 64, 32, 8, 2),
+    ("backward_w", "sm90", "fp64"): _R(64, 64, 16, 8, 2),
+    ("backward_w", "sm90", "mma16"): _R(64, 128, 64, 8, 2),
+    ("backward_w", "sm90", "tf32"): _R(64, 128, 64, 8, 2),
+    ("backward_x", "sm80", "fp32"): _R(64, 64, 16, 8, 2),
+    ("backward_x", "sm80", "fp64"): _R(64, 64, 16, 8, 2),
+    ("backward_x", "sm80", "mma16"): _R(128, 64, 32, 8, 2),
+    ("backward_x", "sm80", "tf32"): _R(128, 64, 32, 8, 2),
+    ("backward_x", "sm90", "fp32"): _R(64, 64, 16, 8, 2),
+    ("backward_x", "sm90", "fp64"): _R(64, 64, 16, 8, 2),
+    ("backward_x", "sm90", "mma16"): _R(64, 128, 64, 8, 2),
+    ("backward_x", "sm90", "tf32"): _R(64, 128, 64, 8, 2),
+    ("forward", "sm80", "fp32"): _R(64, 64, 16, 8, 2),
+    ("forward", "sm80", "fp64"): _R(64, 64, 16, 8, 2),
+    ("forward", "sm80", "mma16"): _R(128, 128, 64, 8, 3),
+    ("forward", "sm80", "tf32"): _R(128, 128, 32, 8, 3),
+    ("forward", "sm90", "fp32"): _R(64, 64, 16, 8, 2),
+    ("forward", "sm90", "fp64"): _R(64, 64, 16, 8, 2),
+    ("forward", "sm90", "mma16"): _R(128, 128, 64, 8, 3),
+    ("forward", "sm90", "tf32"): _R(128, 128, 32, 8, 3),
+    ("forward_cache", "sm80", "fp32"): _R(64, 64, 16, 8, 2),
+    ("forward_cache", "sm80", "fp64"): _R(64, 64, 16, 8, 2),
+    ("forward_cache", "sm80", "mma16"): _R(128, 64, 64, 8, 3),
+    ("forward_cache", "sm80", "tf32"): _R(128, 64, 32, 8, 3),
+    ("forward_cache", "sm90", "fp32"): _R(64, 64, 16, 8, 2),
+    ("forward_cache", "sm90", "fp64"): _R(64, 64, 16, 8, 2),
+    ("forward_cache", "sm90", "mma16"): _R(64, 128, 64, 8, 3),
+    ("forward_cache", "sm90", "tf32"): _R(64, 128, 64, 8, 3),
+    ("grad", "sm80", "fp32"): _R(64, 64, 16, 8, 2),
+    ("grad", "sm80", "fp64"): _R(64, 64, 16, 8, 2),
+    ("grad", "sm80", "mma16"): _R(128, 128, 32, 8, 3),
+    ("grad", "sm80", "tf32"): _R(128, 64, 64, 8, 3),
+    ("grad", "sm90", "fp32"): _R(32, 64, 32, 8, 2),
+    ("grad", "sm90", "fp64"): _R(64, 64, 16, 8, 2),
+    ("grad", "sm90", "mma16"): _R(128, 128, 32, 8, 3),
+    ("grad", "sm90", "tf32"): _R(128, 128, 32, 8, 3),
+}
+for (_kind, _arch, _dc), _rule in list(TILE_RULES.items()):  # gfx942 (MI300): the sm_90 choice (report only)
+    if _arch == "sm90":
+        TILE_RULES[(_kind, "gfx9", _dc)] = _rule
 INTERPRETER_RULE = _R(64, 128, 64, 4, 1)  # large tiles: each interpreted Triton op is one numpy call
 
 

@@ -53,7 +53,11 @@ def softtriple_grad_cached(fac: torch.Tensor, z: torch.Tensor, labels: torch.Ten
     out = torch.empty((N, M), dtype=dtype, device=fac.device)
     hp = hyper_tensor((p.la, 1.0 / p.gamma, p.margin), acc, fac.device)
     if N and M:
-        bn, bm = (64, 256) if target_of(fac.device).backend == "interpreter" else (16, 256)
+        # fp64: half the columns (an fp64 exp and gather per element; 16 x 256 spilled 20 bytes on sm_90)
+        if target_of(fac.device).backend == "interpreter":
+            bn, bm = 64, 256
+        else:
+            bn, bm = 16, (128 if acc == torch.float64 else 256)
         launch(softtriple_grad_cached_kernel, (triton.cdiv(N, bn), triton.cdiv(M, bm)),
                fac, z, labels, g, lse, hp, inv_scale, out, N, C, K=p.K, BLOCK_N=bn, BLOCK_M=bm,
                ACC_DTYPE=tl_dtype(acc), OUT_DTYPE=tl_dtype(dtype), EMULATE_BF16=emulate_bf16(dtype))

@@ -40,7 +40,12 @@ INTERPRETER_CACHE_BYTES = 1 << 30
 
 _options: dict[str, Any] = {"backward": os.environ.get("SOFTTRIPLE_TRITON_BACKWARD", "auto"),
                                          "chunk_bytes": DEFAULT_CHUNK_BYTES, "cache_bytes": None}
-_UNSET = object()
+class _Unset:
+    def __repr__(self):
+        return "<unchanged>"
+
+
+_UNSET = _Unset()
 
 
 def set_triton_options(backward: str | None = None, chunk_bytes: int | None = None,
