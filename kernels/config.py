@@ -170,6 +170,12 @@ TILE_RULES.update({
 for (_kind, _arch, _dc), _rule in list(TILE_RULES.items()):
     if _arch == "sm90":
         TILE_RULES.setdefault((_kind, "gfx9", _dc), _rule)
+# The dL/ds chunk kernel in logits mode (the backward of softtriple_logits, e.g. in the sharded loss) loads dS
+# [N, C] per tile besides: at the loss-mode tiles it spilled 64-140 bytes with triton 3.6 (the GPU machines'
+# version, bench/results/gpu-static/triton-3.6.md), so half the lanes there.
+for (_kind, _arch, _dc), _rule in list(TILE_RULES.items()):
+    if _kind == "grad":
+        TILE_RULES[("grad_logits", _arch, _dc)] = replace(_rule, lanes=64) if _dc in ("mma16", "tf32") else _rule
 INTERPRETER_RULE = _R(64, 128, 64, 4, 1)  # large tiles: each interpreted Triton op is one numpy call
 
 

@@ -54,9 +54,10 @@ def softtriple_grad_chunk_kernel(
                  mask=row_mask[:, None, None] & validB[None, :, :])
 
 
-def grad_chunk_tiles(x: torch.Tensor, wt: torch.Tensor, K: int, lanes: int | None = None):
-    """The tile of the chunk kernel, so the caller can cut the classes into chunks of whole tiles."""
-    return choose_tiles("grad", x, wt.shape[0], K, lanes, None)
+def grad_chunk_tiles(x: torch.Tensor, wt: torch.Tensor, K: int, lanes: int | None = None, logits: bool = False):
+    """The tile of the chunk kernel (loss or logits mode), so the caller can cut the classes into chunks of whole
+    tiles."""
+    return choose_tiles("grad_logits" if logits else "grad", x, wt.shape[0], K, lanes, None)
 
 
 def softtriple_grad_chunk(x, wt, labels, g, lse, dS, p: LossParams, tile_begin: int, tile_end: int,

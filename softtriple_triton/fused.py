@@ -239,7 +239,7 @@ def _chunked_backward(x, wt, labels, g, lse, dS, p: LossParams, inv_scale):
     M = wt.shape[0]
     C = M // p.K
     acc = acc_dtype(x.dtype)
-    cfg = grad_chunk_tiles(x, wt, p.K)
+    cfg = grad_chunk_tiles(x, wt, p.K, logits=dS is not None)
     n_tiles = triton.cdiv(C, cfg.block_c)
     tile_cols = cfg.block_c * p.K
     per_chunk = max(1, min(n_tiles, int(_options["chunk_bytes"]) // max(1, N * tile_cols * x.element_size())))
