@@ -160,34 +160,6 @@ def upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls_valid,
 
 
 @triton.jit
-def tile_grads(x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, C, d, la, inv_gamma, margin,
-               stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
-               K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-               PRECISION: tl.constexpr, LOGITS: tl.constexpr):
-    """Recompute the tile from the inputs and return, per lane group, the cosines and dL/ds as
-    [BLOCK_N, BLOCK_C, K*] tensors: (sA3, dsA3, sB3, dsB3); the group-B values are dummies when KB == 0 and 0 on
-    padded lanes."""
-    HAS_B: tl.constexpr = KB > 0
-    KBX: tl.constexpr = KB if KB > 0 else 1
-    colsA, validA = group_lanes(c0, C, K, 0, KA, BLOCK_C)
-    colsB, validB = group_lanes(c0, C, K, KA, KBX, BLOCK_C)
-    sA, sB = similarity_tiles(x_ptr, w_ptr, rows, row_mask, colsA, validA, colsB, validB, d,
-                              stride_xn, stride_xd, stride_wm, stride_wd,
-                              BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
-    sA3, sB3, eA3, eB3, rden, S = inner_softmax(sA, sB, inv_gamma, K, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
-    cls = c0 + tl.arange(0, BLOCK_C)
-    gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
-                       stride_dsn, stride_dsc, la, margin, LOGITS)
-    gw = gS * rden
-    dsA3 = lane_grad(gw, eA3, sA3, S, inv_gamma)
-    dsB3 = dsA3
-    if HAS_B:
-        dsB3 = lane_grad(gw, eB3, sB3, S, inv_gamma)
-    return sA3, dsA3, sB3, dsB3
-
-
-@triton.jit
 def tile_similarity(x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma, stride_xn, stride_xd, stride_wm, stride_wd,
                     K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -202,3 +174,26 @@ def tile_similarity(x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma, stride_xn
                               stride_xn, stride_xd, stride_wm, stride_wd,
                               BLOCK_N, BLOCK_D, BLOCK_C * KA, BLOCK_C * KBX, HAS_B, DOT_DTYPE, ACC_DTYPE, PRECISION)
     return inner_softmax(sA, sB, inv_gamma, K, BLOCK_N, BLOCK_C, KA, KBX, HAS_B)
+
+
+@triton.jit
+def tile_grads(x_ptr, w_ptr, y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, c0, C, d, la, inv_gamma, margin,
+               stride_xn, stride_xd, stride_wm, stride_wd, stride_dsn, stride_dsc,
+               K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               PRECISION: tl.constexpr, LOGITS: tl.constexpr):
+    """Recompute the tile from the inputs and return, per lane group, the cosines and dL/ds as
+    [BLOCK_N, BLOCK_C, K*] tensors: (sA3, dsA3, sB3, dsB3); the group-B values are dummies when KB == 0 and 0 on
+    padded lanes."""
+    sA3, sB3, eA3, eB3, rden, S = tile_similarity(
+        x_ptr, w_ptr, rows, row_mask, c0, C, d, inv_gamma, stride_xn, stride_xd, stride_wm, stride_wd,
+        K, KA, KB, BLOCK_N, BLOCK_C, BLOCK_D, DOT_DTYPE, ACC_DTYPE, PRECISION)
+    cls = c0 + tl.arange(0, BLOCK_C)
+    gS = upstream_grad(y_ptr, g_ptr, lse_ptr, ds_ptr, rows, row_mask, cls, cls < C, S,
+                       stride_dsn, stride_dsc, la, margin, LOGITS)
+    gw = gS * rden
+    dsA3 = lane_grad(gw, eA3, sA3, S, inv_gamma)
+    dsB3 = dsA3
+    if KB > 0:
+        dsB3 = lane_grad(gw, eB3, sB3, S, inv_gamma)
+    return sA3, dsA3, sB3, dsB3
