@@ -34,6 +34,20 @@ TOL = {
 
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
+# The Triton backend's backward paths (softtriple_triton.set_triton_options); tests that take the fixture
+# triton_path run once per path.
+TRITON_PATHS = {"cached": dict(backward="auto"), "chunked": dict(backward="chunked"),
+                "two_kernel": dict(backward="two_kernel")}
+
+
+@pytest.fixture(params=list(TRITON_PATHS))
+def triton_path(request):
+    from softtriple_triton import fused
+
+    old = fused.set_triton_options(**TRITON_PATHS[request.param])
+    yield request.param
+    fused.set_triton_options(**old)
+
 
 def make_inputs(N, d, C, K, dtype=torch.float64, device="cpu", seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)

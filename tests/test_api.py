@@ -229,6 +229,13 @@ def test_bitwise_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
+def test_bitwise_deterministic_every_triton_backward(triton_path):
+    x, w, y = make_inputs(70, 40, 33, 10, dtype=torch.float32, device=TRITON_DEVICE, seed=9)
+    runs = [loss_and_grads(lambda a, b: st.softtriple_loss(a, b, y, 10, backend="triton"), x, w) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 def _compiled_matches_eager(backend, device, compile_backend):

@@ -32,6 +32,15 @@ def test_gradcheck_logits(backend, device):
                                     (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_gradcheck_every_triton_backward(triton_path):
+    x, w, y = make_inputs(9, 7, 5, 3, device=TRITON_DEVICE, seed=4)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: st.softtriple_loss(a, b, y, 3, la=8.0, gamma=0.2, tau=0.3,
+                                                                    reduction="none", backend="triton"),
+                                    (x, w), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_gradcheck_regularizer():
     _, w, _ = make_inputs(1, 6, 3, 4, seed=2)
     w.requires_grad_(True)

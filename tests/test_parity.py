@@ -107,3 +107,22 @@ def test_mixed_dtypes_low_precision_embeddings_fp32_centers(backend, device):
     assert got[2].dtype == torch.float32
     assert rel_err(got[0], want[0]) <= 1e-5
     assert rel_err(got[2], want[2]) <= 1e-3  # the dot is done in fp32 on exactly-rounded bf16 embeddings
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("K", [3, 10])
+def test_fp64_parity_of_every_triton_backward(triton_path, reduction, K):
+    """cached / chunked (several chunks) / two-kernel: the same fp64 numbers, with a random per-row grad_output."""
+    from softtriple_triton import fused
+
+    x, w, y = make_inputs(45, 24, 17, K, device=TRITON_DEVICE, seed=K + 70)
+    g = torch.rand(45 if reduction == "none" else (), dtype=torch.float64, device=TRITON_DEVICE) + 0.5
+    kw = dict(la=32.0, gamma=0.05, tau=0.2, margin=0.05, reduction=reduction)
+    old = fused.set_triton_options(chunk_bytes=45 * 16 * K * 8 * 2)  # two tiles a chunk: several chunks
+    try:
+        got = loss_and_grads(lambda a, b: st.softtriple_loss(a, b, y, K, backend="triton", **kw), x, w, g)
+    finally:
+        fused.set_triton_options(**old)
+    want = oracle(x, w, y, K, g, **kw)
+    for name, a, b in zip(("loss", "d_embeddings", "d_fc"), got, want):
+        assert rel_err(a, b) <= 1e-9, (triton_path, name, rel_err(a, b))
