@@ -13,6 +13,12 @@ mkdir -p "$OUT/bench"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+# pytorch-metric-learning is not on the GPU image: carried as a wheel when the caller put one under .whl/
+# (here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl pytorch-metric-learning==2.9.0;
+#  call the device tool with carry [".whl"]); without it the PML provider is skipped, and says so in env.txt
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 # the package (kernels/ is mapped to softtriple_triton.kernels by pyproject, so PYTHONPATH alone is not enough)
 "$PY" -c "import softtriple_triton.kernels" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   || echo "WARNING: could not install the package (pip install -e .)"
