@@ -1,0 +1,460 @@
+"""Fused element-wise kernels of the torch backend on CPU: a small C library compiled at first use.
+
+The torch backend's matrix products are torch's (MKL/oneDNN); everything between them, the inner softmax over
+the K centers, the class logits, the online log-sum-exp and the gradient factor, is one pass per chunk here
+instead of ~30 torch operations (each a pass over an N x chunk buffer). The chunk is laid out transposed,
+sT [chunk columns, N] (a row per center, computed as w_chunk^T @ x^T by the same GEMM), so the K centers of a
+class are K contiguous vectors over the batch and every step of the per-class arithmetic is a vector operation.
+
+The library is plain C (no torch headers): one system C compiler call, under a second, at the first use in a
+process that finds no cached build (the build is cached on disk, keyed by the source, the flags, the compiler
+and the CPU). OpenMP parallel loops use the OpenMP runtime torch already loaded (same soname) and
+``torch.get_num_threads()`` threads. Each row / column is computed by exactly one thread in a fixed order, so
+results are bitwise reproducible and independent of the thread count.
+
+When no compiler is found, the build fails, or ``SOFTTRIPLE_TRITON_NATIVE=0`` is set, ``library()`` returns
+None (with one warning, except when disabled on purpose) and the torch backend runs its pure-torch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import torch
+
+ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
+ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
+
+_COMMON = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 256   /* batch entries per inner vector loop (scratch K x TILE per thread) */
+#define CB 128     /* columns per block of the column-norm and centre-gradient kernels */
+
+/* exp(x) to ~1 ulp, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2/2, exp(r) by its
+   Taylor polynomial (degree 7 in fp32, 14 in fp64), 2^n applied as two factors so that the result underflows
+   gradually like libm's. NaN propagates; -inf gives 0, +inf gives inf. */
+static inline float st_exp_f32(float x) {
+    float xc = x < -104.0f ? -104.0f : x;
+    xc = xc > 89.0f ? 89.0f : xc;
+    float xs = xc == xc ? xc : 0.0f;                       /* NaN: any n, r stays NaN */
+    float n = (xs * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
+    float r = xc - n * 0.693359375f;                        /* ln2 = 0.693359375 - 2.12194440e-4 */
+    r = r + n * 2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t ni = (int32_t)n;
+    int32_t n1 = ni / 2, n2 = ni - ni / 2;
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    float res = p * s1 * s2;
+    res = x > 88.72283935546875f ? INFINITY : res;
+    res = x < -103.97208f ? 0.0f : res;
+    return res;
+}
+
+static inline double st_exp_f64(double x) {
+    double xc = x < -746.0 ? -746.0 : x;
+    xc = xc > 710.0 ? 710.0 : xc;
+    double xs = xc == xc ? xc : 0.0;
+    double n = (xs * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+    double r = xc - n * 6.93147180369123816490e-01;          /* ln2 split (hi has 32 trailing zero bits) */
+    r = r - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 87178291200.0;
+    p = p * r + 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    int64_t ni = (int64_t)n;
+    int64_t n1 = ni / 2, n2 = ni - ni / 2;
+    uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
+    double s1, s2;
+    memcpy(&s1, &b1, 8);
+    memcpy(&s2, &b2, 8);
+    double res = p * s1 * s2;
+    res = x > 709.782712893384 ? INFINITY : res;
+    res = x < -745.1332191019412 ? 0.0 : res;
+    return res;
+}
+
+int st_version(void) { return 1; }
+
+void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
+void st_exp_f64_array(int64_t n, const double* x, double* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f64(x[i]); }
+"""
+
+# One body, instantiated for float (f32) and double (f64): `real` and `_SFX` are replaced.
+_BODY = r"""
+/* rw_j = 1 / max(||w_j||, 1e-12) for the columns of w [d, M] (row stride ldw); sums in double. */
+void st_inv_norms_SFX(int64_t d, int64_t M, const real* restrict w, int64_t ldw, real* restrict rw, int nt) {
+    int64_t nb = (M + CB - 1) / CB;
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t j0 = b * CB, nj = M - j0 < CB ? M - j0 : CB;
+        double acc[CB];
+        for (int64_t j = 0; j < nj; j++) acc[j] = 0.0;
+        for (int64_t r = 0; r < d; r++) {
+            const real* restrict wr = w + r * ldw + j0;
+            for (int64_t j = 0; j < nj; j++) acc[j] += (double)wr[j] * (double)wr[j];
+        }
+        for (int64_t j = 0; j < nj; j++) {
+            double nrm = sqrt(acc[j]);
+            rw[j0 + j] = (real)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
+        }
+    }
+}
+
+/* Through the column normalisation: V_j -= w_j * rw_j^2 * (w_j . V_j), V and w [d, M]. */
+void st_center_grad_SFX(int64_t d, int64_t M, real* restrict V, int64_t ldv, const real* restrict w, int64_t ldw,
+                        const real* restrict rw, int nt) {
+    int64_t nb = (M + CB - 1) / CB;
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t j0 = b * CB, nj = M - j0 < CB ? M - j0 : CB;
+        double acc[CB];
+        real coef[CB];
+        for (int64_t j = 0; j < nj; j++) acc[j] = 0.0;
+        for (int64_t r = 0; r < d; r++) {
+            const real* restrict wr = w + r * ldw + j0;
+            const real* restrict vr = V + r * ldv + j0;
+            for (int64_t j = 0; j < nj; j++) acc[j] += (double)wr[j] * (double)vr[j];
+        }
+        for (int64_t j = 0; j < nj; j++) coef[j] = (real)((double)rw[j0 + j] * (double)rw[j0 + j] * acc[j]);
+        for (int64_t r = 0; r < d; r++) {
+            const real* restrict wr = w + r * ldw + j0;
+            real* restrict vr = V + r * ldv + j0;
+            for (int64_t j = 0; j < nj; j++) vr[j] -= wr[j] * coef[j];
+        }
+    }
+}
+
+/* Forward of one chunk of m classes, sT [m*K, N] = u^T (u = x @ w_chunk, raw centers), rw its inverse column norms.
+   t = u rw / gamma; e = exp(t - shift) with shift = 1/gamma when `bounded` (|s| <= 1), else the per-class max;
+   den = sum_k e; S = gamma sum_k e t / den.
+   Writes (each optional, NULL = skip):
+     z [m, N]            la S - la margin [class == label]      (the class logits)
+     S_out [N, ldS]      S (at S_out[i * ldS + c])              (the logits mode)
+     sT, in place        a = rw (e / den) (1 + t - S / gamma)   (= dS/du, the gradient factor) if need_factor
+   and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit. */
+void st_forward_SFX(int64_t N, int64_t m, int64_t K, real* restrict sT, const real* restrict rw, real gamma,
+                    int bounded, real la, real margin, const int64_t* restrict labels, int64_t c0,
+                    real* restrict z, real* restrict S_out, int64_t ldS, int need_factor,
+                    real* restrict m_run, real* restrict l_run, real* restrict zt, int nt) {
+    const real inv_gamma = (real)1 / gamma;
+    const real lam = la * margin;
+    #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
+    {
+        real* E = (real*)malloc(sizeof(real) * (size_t)(K * TILE + 4 * TILE));
+        real* MX = E + K * TILE;
+        real* DEN = MX + TILE;
+        real* NUM = DEN + TILE;
+        real* SS = NUM + TILE;
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m; c++) {
+            const int64_t cg = c0 + c;
+            for (int64_t i0 = 0; i0 < N; i0 += TILE) {
+                const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
+                for (int64_t k = 0; k < K; k++) {
+                    real* restrict tk = sT + (c * K + k) * N + i0;
+                    const real f = rw[c * K + k] * inv_gamma;
+                    for (int64_t i = 0; i < ni; i++) tk[i] *= f;
+                }
+                if (bounded) {
+                    for (int64_t i = 0; i < ni; i++) MX[i] = inv_gamma;
+                } else {
+                    const real* restrict t0 = sT + (c * K) * N + i0;
+                    for (int64_t i = 0; i < ni; i++) MX[i] = t0[i];
+                    for (int64_t k = 1; k < K; k++) {
+                        const real* restrict tk = sT + (c * K + k) * N + i0;
+                        for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
+                    }
+                }
+                for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
+                for (int64_t k = 0; k < K; k++) {
+                    const real* restrict tk = sT + (c * K + k) * N + i0;
+                    real* restrict ek = E + k * TILE;
+                    for (int64_t i = 0; i < ni; i++) {
+                        real e = st_exp_SFX(tk[i] - MX[i]);
+                        ek[i] = e;
+                        DEN[i] += e;
+                        NUM[i] += e * tk[i];
+                    }
+                }
+                for (int64_t i = 0; i < ni; i++) SS[i] = gamma * (NUM[i] / DEN[i]);
+                if (z) {
+                    real* restrict zc = z + c * N + i0;
+                    const int64_t* restrict lab = labels + i0;
+                    for (int64_t i = 0; i < ni; i++) zc[i] = la * SS[i] - (lab[i] == cg ? lam : (real)0);
+                }
+                if (S_out) {
+                    for (int64_t i = 0; i < ni; i++) S_out[(i0 + i) * ldS + c] = SS[i];
+                }
+                if (need_factor) {
+                    for (int64_t i = 0; i < ni; i++) { DEN[i] = (real)1 / DEN[i]; NUM[i] = (real)1 - SS[i] * inv_gamma; }
+                    for (int64_t k = 0; k < K; k++) {
+                        real* restrict tk = sT + (c * K + k) * N + i0;
+                        const real* restrict ek = E + k * TILE;
+                        const real r = rw[c * K + k];
+                        for (int64_t i = 0; i < ni; i++) tk[i] = r * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
+                    }
+                }
+            }
+        }
+        free(E);
+        if (m_run) {
+            /* rows of the batch in blocks: new max, rescaled sum of exp, target logit */
+            const int64_t nbk = (N + TILE - 1) / TILE;
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < nbk; b++) {
+                const int64_t i0 = b * TILE, ni = N - i0 < TILE ? N - i0 : TILE;
+                real mx[TILE], acc[TILE];
+                for (int64_t i = 0; i < ni; i++) mx[i] = m_run[i0 + i];
+                for (int64_t c = 0; c < m; c++) {
+                    const real* restrict zc = z + c * N + i0;
+                    for (int64_t i = 0; i < ni; i++) mx[i] = zc[i] > mx[i] ? zc[i] : mx[i];
+                }
+                for (int64_t i = 0; i < ni; i++) acc[i] = l_run[i0 + i] * st_exp_SFX(m_run[i0 + i] - mx[i]);
+                for (int64_t c = 0; c < m; c++) {
+                    const real* restrict zc = z + c * N + i0;
+                    for (int64_t i = 0; i < ni; i++) acc[i] += st_exp_SFX(zc[i] - mx[i]);
+                }
+                for (int64_t i = 0; i < ni; i++) {
+                    m_run[i0 + i] = mx[i];
+                    l_run[i0 + i] = acc[i];
+                    const int64_t rel = labels[i0 + i] - c0;
+                    if (rel >= 0 && rel < m) zt[i0 + i] += z[rel * N + i0 + i];
+                }
+            }
+        }
+    }
+}
+
+/* Backward of one chunk: aT [m*K, N] holds the factor a = dS/du; in place, dL/du = a * G with
+   G = g la (exp(z - lse) - [class == label])  (loss mode, z [m, N]), or G = dS[i * ldS + c] (logits mode). */
+void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const real* restrict z,
+                     const real* restrict lse, const real* restrict g, real la, const int64_t* restrict labels,
+                     int64_t c0, const real* restrict dS, int64_t ldS, int nt) {
+    #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
+    {
+        real G[TILE];
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m; c++) {
+            const int64_t cg = c0 + c;
+            for (int64_t i0 = 0; i0 < N; i0 += TILE) {
+                const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
+                if (z) {
+                    const real* restrict zc = z + c * N + i0;
+                    const int64_t* restrict lab = labels + i0;
+                    for (int64_t i = 0; i < ni; i++)
+                        G[i] = (la * g[i0 + i]) * (st_exp_SFX(zc[i] - lse[i0 + i]) - (lab[i] == cg ? (real)1 : (real)0));
+                } else {
+                    for (int64_t i = 0; i < ni; i++) G[i] = dS[(i0 + i) * ldS + c];
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    real* restrict ak = aT + (c * K + k) * N + i0;
+                    for (int64_t i = 0; i < ni; i++) ak[i] *= G[i];
+                }
+            }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno"]
+_OPTIONAL = (["-march=native"], ["-fopenmp"])  # dropped one by one when the compiler refuses them
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "why": None, "build_s": None}
+
+
+def source() -> str:
+    return _COMMON + "".join(_BODY.replace("real", t).replace("_SFX", "_" + sfx)
+                             for sfx, t in (("f32", "float"), ("f64", "double")))
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> str:
+    d = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "softtriple_triton")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"softtriple_triton-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    if sys.platform == "win32":
+        return None, "native CPU kernels are built only on Linux/macOS"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install cc/gcc/clang)"
+    src = source()
+    folder = _cache_dir()
+    last_err = ""
+    for drop in (0, 1, 2):  # all flags; without -march=native; without OpenMP as well
+        flags = _FLAGS + [f for i, opt in enumerate(_OPTIONAL) if i >= drop for f in opt]
+        key = hashlib.sha256("\n".join([src, " ".join(flags), cc, platform.machine(), _cpu_id()]).encode())
+        so = os.path.join(folder, f"cpu_kernels_{key.hexdigest()[:20]}.so")
+        if not os.path.exists(so):
+            c_path = so[:-3] + f".{os.getpid()}.c"
+            tmp = so + f".{os.getpid()}.tmp"
+            with open(c_path, "w") as f:
+                f.write(src)
+            try:
+                r = subprocess.run([cc, *flags, c_path, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                r = None
+                last_err = f"{type(e).__name__}: {e}"
+            finally:
+                os.remove(c_path)
+            if r is None or r.returncode != 0:
+                if r is not None:
+                    last_err = (r.stderr or r.stdout).strip()[-500:]
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                continue
+            os.replace(tmp, so)  # atomic: concurrent processes never load a half-written library
+        try:
+            lib = ctypes.CDLL(so)
+            _declare(lib)
+            if lib.st_version() != 1:
+                raise OSError("version mismatch")
+            return lib, None
+        except (OSError, AttributeError) as e:
+            last_err = f"{type(e).__name__}: {e}"
+    return None, f"the C compiler {cc} failed: {last_err}"
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        getattr(lib, f"st_inv_norms_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, cint]
+        getattr(lib, f"st_center_grad_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, cint]
+        getattr(lib, f"st_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, real, real, ptr, i64,
+                                                      ptr, ptr, i64, cint, ptr, ptr, ptr, cint]
+        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, real, ptr, i64, ptr, i64,
+                                                       cint]
+        getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
+        for name in ("inv_norms", "center_grad", "forward", "backward"):
+            getattr(lib, f"st_{name}_{sfx}").restype = None
+    lib.st_version.restype = cint
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first call; None when unavailable (see the module docstring)."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["tried"]:
+            if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+                _state["why"] = f"disabled by {ENV_SWITCH}"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    _state["lib"], _state["why"] = _build()
+                except Exception as e:  # never let the optional fast path break the loss
+                    _state["lib"], _state["why"] = None, f"{type(e).__name__}: {e}"
+                _state["build_s"] = time.perf_counter() - t0
+                if _state["lib"] is None:
+                    warnings.warn(f"softtriple_triton: the fused CPU kernels are unavailable ({_state['why']}); "
+                                  f"backend='torch' uses its slower pure-torch path", RuntimeWarning, stacklevel=3)
+            _state["tried"] = True
+    return _state["lib"]
+
+
+def status() -> dict:
+    """Whether the native kernels are in use, why not, and how long building/loading them took (s)."""
+    library()
+    return {"available": _state["lib"] is not None, "reason": _state["why"], "build_s": _state["build_s"]}
+
+
+# ----------------------------------------------------------------------------------------- thin wrappers
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _sfx(t: torch.Tensor) -> str:
+    return "f64" if t.dtype == torch.float64 else "f32"
+
+
+def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
+    """1 / max(||w_j||, 1e-12) per column of w [d, M] (w.stride(1) == 1)."""
+    rw = torch.empty(w.shape[1], dtype=w.dtype)
+    getattr(lib, "st_inv_norms_" + _sfx(w))(w.shape[0], w.shape[1], w.data_ptr(), w.stride(0), rw.data_ptr(),
+                                            torch.get_num_threads())
+    return rw
+
+
+def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
+    """In place: V_j -= w_j rw_j^2 (w_j . V_j)."""
+    getattr(lib, "st_center_grad_" + _sfx(w))(w.shape[0], w.shape[1], V.data_ptr(), V.stride(0), w.data_ptr(),
+                                              w.stride(0), rw.data_ptr(), torch.get_num_threads())
+    return V
+
+
+def forward_chunk(lib, sT, rw_chunk, m, K, gamma, bounded, la, margin, labels, c0, z=None, S_out=None,
+                  need_factor=False, m_run=None, l_run=None, zt=None) -> None:
+    N = sT.shape[1]
+    getattr(lib, "st_forward_" + _sfx(sT))(N, m, K, sT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la,
+                                           margin, _p(labels), c0, _p(z), _p(S_out),
+                                           0 if S_out is None else S_out.stride(0), int(need_factor), _p(m_run),
+                                           _p(l_run), _p(zt), torch.get_num_threads())
+
+
+def backward_chunk(lib, aT, m, K, c0, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> None:
+    N = aT.shape[1]
+    getattr(lib, "st_backward_" + _sfx(aT))(N, m, K, aT.data_ptr(), _p(z), _p(lse), _p(g), la, _p(labels), c0,
+                                            _p(dS), 0 if dS is None else dS.stride(0), torch.get_num_threads())
