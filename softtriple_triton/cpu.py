@@ -34,7 +34,6 @@ from torch import Tensor
 
 from . import cpu_native
 from ._common import acc_dtype
-from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import column_dots
 
 DEFAULT_CHUNK_BYTES = 64 << 20   # largest N x chunk temporary
@@ -357,51 +356,73 @@ def _run_backward(ops, cached, need_x: bool, need_w: bool, labels=None, la=0.0, 
     return dx, None if V is None else ops.centers_grad(V)
 
 
-def _grads_via_formula(x, w, need, formula, grad: Tensor):
-    """Gradients by differentiating the plain formula: exact, differentiable again (create_graph=True), and
-    traceable by torch.func transforms; materialises N x C*K like backend="reference"."""
-    graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        leaves = [t if graph else t.detach().requires_grad_(n) for t, n in zip((x, w), need)]
-        got = iter(torch.autograd.grad(formula(*leaves), [t for t, n in zip(leaves, need) if n], grad,
-                                       create_graph=graph, allow_unused=True))
-    return [next(got) if n else None for n in need]
+def _needs_formula(grad: Tensor, *saved: Tensor) -> bool:
+    """The backward must be differentiable itself (create_graph=True with something to differentiate: double
+    backward, torch.func.hessian) or runs on tensors a torch.func transform wraps (jacrev = vmap of the backward)."""
+    return _wrapped(grad) or (torch.is_grad_enabled() and any(t.requires_grad for t in (grad, *saved)))
+
+
+def _grads_via_formula(x: Tensor, w: Tensor, need, K: int, gamma: float, grad: Tensor, labels=None, la=0.0,
+                       margin=0.0):
+    """dx, dw (None where not needed) of the plain formula written out with out-of-place torch operations, for
+    grad = dL/drows (labels given) or dL/dS: differentiable again and traceable by every torch.func transform.
+    Materialises N x C*K like backend="reference"."""
+    acc = acc_dtype(x.dtype, w.dtype)
+    xa, wa = x.to(acc), w.to(acc)
+    N, M = xa.shape[0], wa.shape[1]
+    nrm = torch.linalg.vector_norm(wa, dim=0)
+    rw = 1.0 / nrm.clamp_min(1e-12)
+    wn = wa * rw
+    s = (xa @ wn).view(N, M // K, K)
+    p = torch.softmax(s / gamma, dim=2)
+    S = (p * s).sum(dim=2)
+    if labels is None:
+        gS = grad.to(acc)
+    else:
+        onehot = torch.nn.functional.one_hot(labels, M // K).to(acc)
+        q = torch.softmax(la * (S - margin * onehot), dim=1)
+        gS = (grad.to(acc) * la).unsqueeze(1) * (q - onehot)
+    ds = (gS.unsqueeze(2) * p * (1.0 + (s - S.unsqueeze(2)) / gamma)).view(N, M)
+    dx = ds @ wn.t() if need[0] else None
+    dw = None
+    if need[1]:
+        dwn = xa.t() @ ds
+        # through wn = w / max(||w||, 1e-12): the projection applies where the norm was not clamped
+        dw = rw * (dwn - torch.where(nrm > 1e-12, (wn * dwn).sum(dim=0), 0.0) * wn)
+    return [None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype)]
 
 
 def _jvp(ops, x_t, w_t, labels=None, la=0.0, margin=0.0, lse=None) -> Tensor:
     """Forward-mode derivative along the tangents (x_t, w_t) of the loss rows (labels given) or of the logits,
-    chunk by chunk with torch operations: ds = rw (x_t @ w + x @ w_t) - s rw^2 (w . w_t), dS = sum_k dS/ds ds,
-    d loss_i = la sum_c (softmax(z_i) - onehot)_c dS_ic."""
+    chunk by chunk with out-of-place torch operations (the tangents may be batched by torch.func.jacfwd):
+    ds = rw (x_t @ w + x @ w_t) - s rw^2 (w . w_t), dS = sum_k dS/ds ds, d loss_i = la sum_c (q - onehot)_ic dS_ic."""
     xa, wa, rw, K, gamma = ops.xa, ops.wa, ops.rw, ops.K, ops.gamma
     N, M = xa.shape[0], wa.shape[1]
-    C = M // K
     x_t = None if x_t is None else x_t.to(xa.dtype)
     w_t = None if w_t is None else w_t.to(wa.dtype)
-    wdw = None if w_t is None else column_dots(wa, w_t, wa.dtype)
-    out = torch.zeros((N,) if labels is not None else (N, C), dtype=xa.dtype, device=xa.device)
-    for c0, c1 in _chunks(C, ops.step):
+    wdw = None if w_t is None else (wa * w_t).sum(dim=0)
+    parts = []
+    for c0, c1 in _chunks(M // K, ops.step):
         cols = slice(c0 * K, c1 * K)
         s = (xa @ wa[:, cols]) * rw[cols]
-        du = torch.zeros_like(s)
-        if x_t is not None:
-            du += x_t @ wa[:, cols]
+        du = [x_t @ wa[:, cols]] if x_t is not None else []
+        du += [xa @ w_t[:, cols]] if w_t is not None else []
+        ds = sum(du) * rw[cols]
         if w_t is not None:
-            du += xa @ w_t[:, cols]
-        ds = du * rw[cols]
-        if w_t is not None:
-            ds -= s * (rw[cols] * rw[cols] * wdw[cols])
-        s, ds = s.view(N, c1 - c0, K), ds.view(N, c1 - c0, K)
+            ds = ds - s * (rw[cols] * rw[cols] * wdw[..., cols]).unsqueeze(-2)
+        s = s.view(N, c1 - c0, K)
+        ds = ds.reshape(*ds.shape[:-1], c1 - c0, K)
         p = torch.softmax(s / gamma, dim=2)
         S = (p * s).sum(dim=2)
-        dS = (p * (1.0 + (s - S.unsqueeze(2)) / gamma) * ds).sum(dim=2)
+        dS = (p * (1.0 + (s - S.unsqueeze(2)) / gamma) * ds).sum(dim=-1)
         if labels is None:
-            out[:, c0:c1] = dS
+            parts.append(dS)
             continue
         z, idx, own = _chunk_logits(S, labels, c0, la, margin)
         q = torch.exp(z - lse.unsqueeze(1))
         q.view(-1)[idx] -= own.to(q.dtype)
-        out += la * (q * dS).sum(dim=1)
-    return out
+        parts.append(la * (q * dS).sum(dim=-1))
+    return torch.cat(parts, dim=-1) if labels is None else sum(parts)
 
 
 def _select(t, dim, b):
@@ -413,13 +434,6 @@ def _out(dx, dw, x: Tensor, w: Tensor, n_none: int) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------- the loss
-def _loss_formula(labels, K, la, gamma, margin):
-    def rows(x, w):
-        acc = acc_dtype(x.dtype, w.dtype)
-        return reference_softtriple_loss(x.to(acc), w.to(acc), labels, K, la, gamma, 0.0, margin, False, "none")
-    return rows
-
-
 class _TorchLoss(torch.autograd.Function):
     """The loss rows, torch.func-ready: setup_context, a vmap rule, a jvp rule; ``saved`` (a _Saved) carries
     what the forward leaves for the backward."""
@@ -443,8 +457,8 @@ class _TorchLoss(torch.autograd.Function):
         K, la, gamma, margin = ctx.hyper
         x, w, labels = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled() or _wrapped(g):  # create_graph=True, or a torch.func transform of the backward
-            return (*_grads_via_formula(x, w, need, _loss_formula(labels, K, la, gamma, margin), g),) + (None,) * 8
+        if _needs_formula(g, x, w):
+            return (*_grads_via_formula(x, w, need, K, gamma, g, labels, la, margin),) + (None,) * 8
         sv = ctx.saved
         cached, sv.cached = sv.cached, None  # consumed in place: a second backward (retain_graph) recomputes
         dx, dw = _run_backward(sv.ops, cached, *need, labels=labels, la=la, margin=margin, lse=sv.lse, g=g)
@@ -487,13 +501,6 @@ class _TracedLoss(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------- the logits
-def _logits_formula(K, gamma):
-    def logits(x, w):
-        acc = acc_dtype(x.dtype, w.dtype)
-        return reference_logits(x.to(acc), w.to(acc), K, gamma, False)
-    return logits
-
-
 def _logits_forward(ops, want_cache: bool):
     out = torch.empty((ops.xa.shape[0], ops.wa.shape[1] // ops.K), dtype=ops.xa.dtype, device=ops.xa.device)
     return out, _run_forward(ops, None, 0.0, 0.0, want_cache, S_out=out)[2]
@@ -518,8 +525,8 @@ class _TorchLogits(torch.autograd.Function):
         K, gamma = ctx.hyper
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled() or _wrapped(dS):
-            return (*_grads_via_formula(x, w, need, _logits_formula(K, gamma), dS),) + (None,) * 5
+        if _needs_formula(dS, x, w):
+            return (*_grads_via_formula(x, w, need, K, gamma, dS),) + (None,) * 5
         sv = ctx.saved
         cached, sv.cached = sv.cached, None
         return _out(*_run_backward(sv.ops, cached, *need, dS=dS), x, w, 5)
