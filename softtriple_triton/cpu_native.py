@@ -46,11 +46,12 @@ _COMMON = r"""
 
 /* exp(x) to ~1 ulp, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2/2, exp(r) by its
    Taylor polynomial (degree 7 in fp32, 14 in fp64), 2^n applied as two factors so that the result underflows
-   gradually like libm's. NaN propagates; -inf gives 0, +inf gives inf. */
+   gradually like libm's. The input is clamped where the result has rounded to 0 / overflowed to inf already.
+   NaN propagates; -inf gives 0, +inf gives inf. */
 static inline float st_exp_f32(float x) {
-    float xc = x < -104.0f ? -104.0f : x;
-    xc = xc > 89.0f ? 89.0f : xc;
-    float xs = xc == xc ? xc : 0.0f;                       /* NaN: any n, r stays NaN */
+    float xc = x < -104.0f ? -104.0f : x;                   /* exp(-104) rounds to 0: gradual underflow below */
+    xc = xc > 89.0f ? 89.0f : xc;                           /* exp(89) overflows to inf */
+    float xs = xc == xc ? xc : 0.0f;                        /* NaN: any n, r stays NaN */
     float n = (xs * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
     float r = xc - n * 0.693359375f;                        /* ln2 = 0.693359375 - 2.12194440e-4 */
     r = r + n * 2.12194440e-4f;
@@ -63,15 +64,12 @@ static inline float st_exp_f32(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     int32_t ni = (int32_t)n;
-    int32_t n1 = ni / 2, n2 = ni - ni / 2;
+    int32_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-75, 64]: two normal powers of two */
     uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
     memcpy(&s1, &b1, 4);
     memcpy(&s2, &b2, 4);
-    float res = p * s1 * s2;
-    res = x > 88.72283935546875f ? INFINITY : res;
-    res = x < -103.97208f ? 0.0f : res;
-    return res;
+    return p * s1 * s2;
 }
 
 static inline double st_exp_f64(double x) {
@@ -97,18 +95,15 @@ static inline double st_exp_f64(double x) {
     p = p * r + 1.0;
     p = p * r + 1.0;
     int64_t ni = (int64_t)n;
-    int64_t n1 = ni / 2, n2 = ni - ni / 2;
+    int64_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-538, 512] */
     uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
     double s1, s2;
     memcpy(&s1, &b1, 8);
     memcpy(&s2, &b2, 8);
-    double res = p * s1 * s2;
-    res = x > 709.782712893384 ? INFINITY : res;
-    res = x < -745.1332191019412 ? 0.0 : res;
-    return res;
+    return p * s1 * s2;
 }
 
-int st_version(void) { return 1; }
+int st_version(void) { return 2; }
 
 void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
 void st_exp_f64_array(int64_t n, const double* x, double* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f64(x[i]); }
@@ -116,17 +111,22 @@ void st_exp_f64_array(int64_t n, const double* x, double* y) { for (int64_t i = 
 
 # One body, instantiated for float (f32) and double (f64): `real` and `_SFX` are replaced.
 _BODY = r"""
-/* rw_j = 1 / max(||w_j||, 1e-12) for the columns of w [d, M] (row stride ldw); sums in double. */
+/* rw_j = 1 / max(||w_j||, 1e-12) for the columns of w [d, M] (row stride ldw); sums in double. Blocks of columns
+   whose row segments are 4 KiB, so that every row read is a contiguous run the hardware prefetches. */
 void st_inv_norms_SFX(int64_t d, int64_t M, const real* restrict w, int64_t ldw, real* restrict rw, int nt) {
-    int64_t nb = (M + CB - 1) / CB;
+    enum { B = 4096 / sizeof(real) };
+    int64_t nb = (M + B - 1) / B;
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
     for (int64_t b = 0; b < nb; b++) {
-        int64_t j0 = b * CB, nj = M - j0 < CB ? M - j0 : CB;
-        double acc[CB];
+        int64_t j0 = b * B, nj = M - j0 < B ? M - j0 : B;
+        double acc[B];
         for (int64_t j = 0; j < nj; j++) acc[j] = 0.0;
         for (int64_t r = 0; r < d; r++) {
             const real* restrict wr = w + r * ldw + j0;
-            for (int64_t j = 0; j < nj; j++) acc[j] += (double)wr[j] * (double)wr[j];
+            for (int64_t j = 0; j < nj; j++) {
+                double v = (double)wr[j];
+                acc[j] += v * v;
+            }
         }
         for (int64_t j = 0; j < nj; j++) {
             double nrm = sqrt(acc[j]);
@@ -135,47 +135,36 @@ void st_inv_norms_SFX(int64_t d, int64_t M, const real* restrict w, int64_t ldw,
     }
 }
 
-/* Through the column normalisation: V_j -= w_j * rw_j^2 * (w_j . V_j), V and w [d, M]. */
+/* Through the column normalisation: V -= w * coef (coef_j = rw_j^2 (w_j . V_j), computed by st_backward), rows
+   in parallel, each a contiguous stream. */
 void st_center_grad_SFX(int64_t d, int64_t M, real* restrict V, int64_t ldv, const real* restrict w, int64_t ldw,
-                        const real* restrict rw, int nt) {
-    int64_t nb = (M + CB - 1) / CB;
+                        const real* restrict coef, int nt) {
     #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t j0 = b * CB, nj = M - j0 < CB ? M - j0 : CB;
-        double acc[CB];
-        real coef[CB];
-        for (int64_t j = 0; j < nj; j++) acc[j] = 0.0;
-        for (int64_t r = 0; r < d; r++) {
-            const real* restrict wr = w + r * ldw + j0;
-            const real* restrict vr = V + r * ldv + j0;
-            for (int64_t j = 0; j < nj; j++) acc[j] += (double)wr[j] * (double)vr[j];
-        }
-        for (int64_t j = 0; j < nj; j++) coef[j] = (real)((double)rw[j0 + j] * (double)rw[j0 + j] * acc[j]);
-        for (int64_t r = 0; r < d; r++) {
-            const real* restrict wr = w + r * ldw + j0;
-            real* restrict vr = V + r * ldv + j0;
-            for (int64_t j = 0; j < nj; j++) vr[j] -= wr[j] * coef[j];
-        }
+    for (int64_t r = 0; r < d; r++) {
+        const real* restrict wr = w + r * ldw;
+        real* restrict vr = V + r * ldv;
+        for (int64_t j = 0; j < M; j++) vr[j] -= wr[j] * coef[j];
     }
 }
 
-/* Forward of one chunk of m classes, sT [m*K, N] = u^T (u = x @ w_chunk, raw centers), rw its inverse column norms.
+/* Forward of one chunk of m classes: uT [m*K, N] = u^T (u = x @ w_chunk, raw centers), rw its inverse column norms.
    t = u rw / gamma; e = exp(t - shift) with shift = 1/gamma when `bounded` (|s| <= 1), else the per-class max;
    den = sum_k e; S = gamma sum_k e t / den.
    Writes (each optional, NULL = skip):
      z [m, N]            la S - la margin [class == label]      (the class logits)
      S_out [N, ldS]      S (at S_out[i * ldS + c])              (the logits mode)
-     sT, in place        a = rw (e / den) (1 + t - S / gamma)   (= dS/du, the gradient factor) if need_factor
+     aT [m*K, N]         a = rw (e / den) (1 + t - S / gamma)   (= dS/du, the gradient factor)
    and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit. */
-void st_forward_SFX(int64_t N, int64_t m, int64_t K, real* restrict sT, const real* restrict rw, real gamma,
+void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, const real* restrict rw, real gamma,
                     int bounded, real la, real margin, const int64_t* restrict labels, int64_t c0,
-                    real* restrict z, real* restrict S_out, int64_t ldS, int need_factor,
+                    real* restrict z, real* restrict S_out, int64_t ldS, real* restrict aT,
                     real* restrict m_run, real* restrict l_run, real* restrict zt, int nt) {
     const real inv_gamma = (real)1 / gamma;
     const real lam = la * margin;
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
     {
-        real* E = (real*)malloc(sizeof(real) * (size_t)(K * TILE + 4 * TILE));
+        real* T = (real*)malloc(sizeof(real) * (size_t)(2 * K * TILE + 4 * TILE));
+        real* E = T + K * TILE;
         real* MX = E + K * TILE;
         real* DEN = MX + TILE;
         real* NUM = DEN + TILE;
@@ -185,30 +174,41 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, real* restrict sT, const re
             const int64_t cg = c0 + c;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
-                for (int64_t k = 0; k < K; k++) {
-                    real* restrict tk = sT + (c * K + k) * N + i0;
-                    const real f = rw[c * K + k] * inv_gamma;
-                    for (int64_t i = 0; i < ni; i++) tk[i] *= f;
-                }
-                if (bounded) {
-                    for (int64_t i = 0; i < ni; i++) MX[i] = inv_gamma;
-                } else {
-                    const real* restrict t0 = sT + (c * K) * N + i0;
-                    for (int64_t i = 0; i < ni; i++) MX[i] = t0[i];
-                    for (int64_t k = 1; k < K; k++) {
-                        const real* restrict tk = sT + (c * K + k) * N + i0;
-                        for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
+                for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
+                if (!bounded) {
+                    for (int64_t k = 0; k < K; k++) {
+                        const real* restrict uk = uT + (c * K + k) * N + i0;
+                        real* restrict tk = T + k * TILE;
+                        const real f = rw[c * K + k] * inv_gamma;
+                        for (int64_t i = 0; i < ni; i++) tk[i] = uk[i] * f;
+                        if (k == 0) {
+                            for (int64_t i = 0; i < ni; i++) MX[i] = tk[i];
+                        } else {
+                            for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
+                        }
                     }
                 }
-                for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
                 for (int64_t k = 0; k < K; k++) {
-                    const real* restrict tk = sT + (c * K + k) * N + i0;
+                    real* restrict tk = T + k * TILE;
                     real* restrict ek = E + k * TILE;
-                    for (int64_t i = 0; i < ni; i++) {
-                        real e = st_exp_SFX(tk[i] - MX[i]);
-                        ek[i] = e;
-                        DEN[i] += e;
-                        NUM[i] += e * tk[i];
+                    if (bounded) {
+                        const real* restrict uk = uT + (c * K + k) * N + i0;
+                        const real f = rw[c * K + k] * inv_gamma;
+                        for (int64_t i = 0; i < ni; i++) {
+                            real t = uk[i] * f;
+                            real e = st_exp_SFX(t - inv_gamma);
+                            tk[i] = t;
+                            ek[i] = e;
+                            DEN[i] += e;
+                            NUM[i] += e * t;
+                        }
+                    } else {
+                        for (int64_t i = 0; i < ni; i++) {
+                            real e = st_exp_SFX(tk[i] - MX[i]);
+                            ek[i] = e;
+                            DEN[i] += e;
+                            NUM[i] += e * tk[i];
+                        }
                     }
                 }
                 for (int64_t i = 0; i < ni; i++) SS[i] = gamma * (NUM[i] / DEN[i]);
@@ -220,18 +220,19 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, real* restrict sT, const re
                 if (S_out) {
                     for (int64_t i = 0; i < ni; i++) S_out[(i0 + i) * ldS + c] = SS[i];
                 }
-                if (need_factor) {
+                if (aT) {
                     for (int64_t i = 0; i < ni; i++) { DEN[i] = (real)1 / DEN[i]; NUM[i] = (real)1 - SS[i] * inv_gamma; }
                     for (int64_t k = 0; k < K; k++) {
-                        real* restrict tk = sT + (c * K + k) * N + i0;
+                        real* restrict ak = aT + (c * K + k) * N + i0;
+                        const real* restrict tk = T + k * TILE;
                         const real* restrict ek = E + k * TILE;
                         const real r = rw[c * K + k];
-                        for (int64_t i = 0; i < ni; i++) tk[i] = r * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
+                        for (int64_t i = 0; i < ni; i++) ak[i] = r * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
                     }
                 }
             }
         }
-        free(E);
+        free(T);
         if (m_run) {
             /* rows of the batch in blocks: new max, rescaled sum of exp, target logit */
             const int64_t nbk = (N + TILE - 1) / TILE;
@@ -261,16 +262,23 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, real* restrict sT, const re
 }
 
 /* Backward of one chunk: aT [m*K, N] holds the factor a = dS/du; in place, dL/du = a * G with
-   G = g la (exp(z - lse) - [class == label])  (loss mode, z [m, N]), or G = dS[i * ldS + c] (logits mode). */
+   G = g la (exp(z - lse) - [class == label])  (loss mode, z [m, N]), or G = dS[i * ldS + c] (logits mode).
+   With uT given, also coef_j = rw_j^2 sum_i dL/du_ij u_ij = rw_j^2 (w_j . V_j) for the centre gradient. */
 void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const real* restrict z,
                      const real* restrict lse, const real* restrict g, real la, const int64_t* restrict labels,
-                     int64_t c0, const real* restrict dS, int64_t ldS, int nt) {
+                     int64_t c0, const real* restrict dS, int64_t ldS, const real* restrict uT,
+                     const real* restrict rw, real* restrict coef, int nt) {
+    enum { L = 16 };  /* partial sums of the dot products: a fixed order, vectorisable */
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
     {
         real G[TILE];
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < m; c++) {
             const int64_t cg = c0 + c;
+            double part[64][L];
+            const int64_t Kp = K < 64 ? K : 64;
+            for (int64_t k = 0; k < Kp; k++)
+                for (int l = 0; l < L; l++) part[k][l] = 0.0;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
                 if (z) {
@@ -284,6 +292,27 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const r
                 for (int64_t k = 0; k < K; k++) {
                     real* restrict ak = aT + (c * K + k) * N + i0;
                     for (int64_t i = 0; i < ni; i++) ak[i] *= G[i];
+                    if (uT && k < 64) {
+                        const real* restrict uk = uT + (c * K + k) * N + i0;
+                        int64_t i = 0;
+                        for (; i + L <= ni; i += L)
+                            for (int l = 0; l < L; l++) part[k][l] += (double)ak[i + l] * (double)uk[i + l];
+                        for (; i < ni; i++) part[k][0] += (double)ak[i] * (double)uk[i];
+                    }
+                }
+            }
+            if (uT) {
+                for (int64_t k = 0; k < K; k++) {
+                    double s = 0.0;
+                    if (k < 64) {
+                        for (int l = 0; l < L; l++) s += part[k][l];
+                    } else {  /* K > 64: a plain loop */
+                        const real* restrict ak = aT + (c * K + k) * N;
+                        const real* restrict uk = uT + (c * K + k) * N;
+                        for (int64_t i = 0; i < N; i++) s += (double)ak[i] * (double)uk[i];
+                    }
+                    const double r = (double)rw[c * K + k];
+                    coef[c * K + k] = (real)(r * r * s);
                 }
             }
         }
@@ -291,7 +320,7 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const r
 }
 """
 
-_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno"]
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-mprefer-vector-width=512"]
 _OPTIONAL = (["-march=native"], ["-fopenmp"])  # dropped one by one when the compiler refuses them
 
 _lock = threading.Lock()
@@ -370,7 +399,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         try:
             lib = ctypes.CDLL(so)
             _declare(lib)
-            if lib.st_version() != 1:
+            if lib.st_version() != 2:
                 raise OSError("version mismatch")
             return lib, None
         except (OSError, AttributeError) as e:
@@ -384,9 +413,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_inv_norms_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_center_grad_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, real, real, ptr, i64,
-                                                      ptr, ptr, i64, cint, ptr, ptr, ptr, cint]
+                                                      ptr, ptr, i64, ptr, ptr, ptr, ptr, cint]
         getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, real, ptr, i64, ptr, i64,
-                                                       cint]
+                                                       ptr, ptr, ptr, cint]
         getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
         for name in ("inv_norms", "center_grad", "forward", "backward"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
@@ -438,23 +467,25 @@ def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
     return rw
 
 
-def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
-    """In place: V_j -= w_j rw_j^2 (w_j . V_j)."""
+def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """In place: V_j -= w_j coef_j (coef from backward_chunk)."""
     getattr(lib, "st_center_grad_" + _sfx(w))(w.shape[0], w.shape[1], V.data_ptr(), V.stride(0), w.data_ptr(),
-                                              w.stride(0), rw.data_ptr(), torch.get_num_threads())
+                                              w.stride(0), coef.data_ptr(), torch.get_num_threads())
     return V
 
 
-def forward_chunk(lib, sT, rw_chunk, m, K, gamma, bounded, la, margin, labels, c0, z=None, S_out=None,
-                  need_factor=False, m_run=None, l_run=None, zt=None) -> None:
-    N = sT.shape[1]
-    getattr(lib, "st_forward_" + _sfx(sT))(N, m, K, sT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la,
-                                           margin, _p(labels), c0, _p(z), _p(S_out),
-                                           0 if S_out is None else S_out.stride(0), int(need_factor), _p(m_run),
-                                           _p(l_run), _p(zt), torch.get_num_threads())
+def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=0.0, labels=None, z=None, S_out=None,
+                  aT=None, m_run=None, l_run=None, zt=None) -> None:
+    """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes."""
+    getattr(lib, "st_forward_" + _sfx(uT))(uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma,
+                                           int(bounded), la, margin, _p(labels), c0, _p(z), _p(S_out),
+                                           0 if S_out is None else S_out.stride(0), _p(aT), _p(m_run), _p(l_run),
+                                           _p(zt), torch.get_num_threads())
 
 
-def backward_chunk(lib, aT, m, K, c0, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> None:
-    N = aT.shape[1]
-    getattr(lib, "st_backward_" + _sfx(aT))(N, m, K, aT.data_ptr(), _p(z), _p(lse), _p(g), la, _p(labels), c0,
-                                            _p(dS), 0 if dS is None else dS.stride(0), torch.get_num_threads())
+def backward_chunk(lib, aT, m, K, c0, z=None, lse=None, g=None, la=0.0, labels=None, dS=None, uT=None, rw_chunk=None,
+                   coef_chunk=None) -> None:
+    """In place aT -> dL/du; with uT, also the centre-gradient coefficients of the chunk's columns."""
+    getattr(lib, "st_backward_" + _sfx(aT))(aT.shape[1], m, K, aT.data_ptr(), _p(z), _p(lse), _p(g), la, _p(labels),
+                                            c0, _p(dS), 0 if dS is None else dS.stride(0), _p(uT), _p(rw_chunk),
+                                            _p(coef_chunk), torch.get_num_threads())
