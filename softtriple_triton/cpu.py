@@ -196,17 +196,11 @@ class _TorchChunks:
         self.rw_g = self.rw / gamma
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
 
-    def cache_plan(self, N: int, M: int, C: int) -> str | None:
-        """What the forward keeps for the backward within cache_bytes: "factor" (the factor a and the logits z) or
-        None (the backward recomputes every chunk)."""
-        return "factor" if N * (M + C) * self.xa.element_size() <= _config["cache_bytes"] else None
-
-    def forward(self, c0, c1, keep, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
-        """Classes c0..c1: (z [N, m] for the loss (labels given), else None; what the backward needs of the chunk
-        when ``keep`` (see cache_plan), else None). Merges z into the running (max, sum of exp, target logit)
-        ``state``; writes S into S_out (logits)."""
-        S, a = _chunk_similarity(self.xa, self.wa, self.rw_g, c0, c1, self.K, 1.0 / self.gamma, self.bounded,
-                                 keep is not None)
+    def forward(self, c0, c1, keep: bool, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
+        """Classes c0..c1: (z [N, m] for the loss (labels given), else None; when ``keep``, what the backward needs
+        of the chunk (here the factor a, an N x m*K buffer), else None). Merges z into the running (max, sum of exp,
+        target logit) ``state``; writes S into S_out (logits)."""
+        S, a = _chunk_similarity(self.xa, self.wa, self.rw_g, c0, c1, self.K, 1.0 / self.gamma, self.bounded, keep)
         if labels is None:
             if S_out is not None:
                 S_out[:, c0:c1] = S
@@ -243,9 +237,9 @@ class _TorchChunks:
 
 
 class _NativeChunks(_TorchChunks):
-    """The same work with the fused C kernels (CPU) on transposed chunks u^T = w_chunk^T @ x^T [m*K, N]. What the
-    backward needs of a chunk is the pair (u^T, a^T): u for the centre gradient's w . V = sum_i dL/du u, a the
-    factor (recomputed from u by the forward kernel when only u was kept)."""
+    """The same work with the fused C kernels (CPU) on transposed chunks u^T = w_chunk^T @ x^T [m*K, N]. The
+    backward keeps (or recomputes by the product) u only: its kernel redoes the inner softmax from u, which costs
+    less than storing and reloading the factor, and needs u anyway for the centre gradient's w . V = sum_i ds u."""
 
     def __init__(self, xa: Tensor, wa: Tensor, K: int, gamma: float, bounded: bool, lib):
         self.xa, self.wa, self.K, self.gamma, self.bounded, self.lib = xa, wa, K, gamma, bounded, lib
@@ -255,50 +249,32 @@ class _NativeChunks(_TorchChunks):
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
         self.coef = None
 
-    def cache_plan(self, N: int, M: int, C: int) -> str | None:
-        """"factor" (u, a and z), "u" (u and z: the backward redoes the element-wise pass, not the product) or None."""
-        for keep, n in (("factor", 2), ("u", 1)):
-            if N * (n * M + C) * self.xa.element_size() <= _config["cache_bytes"]:
-                return keep
-        return None
-
-    def _factor(self, uT: Tensor, c0: int, c1: int, with_factor: bool = True, **kw) -> Tensor | None:
-        """The forward kernel on u^T of classes c0..c1; returns the factor buffer a^T (or None)."""
-        m, K, N = c1 - c0, self.K, self.xa.shape[0]
-        a = _take(N * m * K, uT.dtype, uT.device) if with_factor else None
-        cpu_native.forward_chunk(self.lib, uT, self.rw[c0 * K:c1 * K], m, K, self.gamma, self.bounded, c0,
-                                 aT=None if a is None else a.view(m * K, N), **kw)
-        return a
-
     def forward(self, c0, c1, keep, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
         N, K, m = self.xa.shape[0], self.K, c1 - c0
         u = _take(N * m * K, self.xa.dtype, self.xa.device)
         uT = torch.mm(self.wa[:, c0 * K:c1 * K].t(), self.xa.t(), out=u.view(m * K, N))
         z = _take(N * m, self.xa.dtype, self.xa.device).view(m, N) if labels is not None else None
         m_run, l_run, zt = state if state is not None else (None, None, None)
-        a = self._factor(uT, c0, c1, keep == "factor", la=la, margin=margin, labels=labels, z=z,
-                         S_out=None if S_out is None else S_out[:, c0:], m_run=m_run, l_run=l_run, zt=zt)
-        if keep is None:
+        cpu_native.forward_chunk(self.lib, uT, self.rw[c0 * K:c1 * K], m, K, self.gamma, self.bounded, c0, la=la,
+                                 margin=margin, labels=labels, z=z, S_out=None if S_out is None else S_out[:, c0:],
+                                 m_run=m_run, l_run=l_run, zt=zt)
+        if not keep:
             _give(u)
             return z, None
-        return z, [u, a]
+        return z, u
 
-    def grad(self, pair, c0, c1, z=None, lse=None, gla=None, labels=None, dS=None) -> Tensor:
+    def grad(self, u, c0, c1, z=None, lse=None, gla=None, labels=None, dS=None) -> Tensor:
         N, K, m = self.xa.shape[0], self.K, c1 - c0
-        uT = pair[0].view(m * K, N)
-        if pair[1] is None:  # only u was kept: the element-wise pass again, no matrix product
-            pair[1] = self._factor(uT, c0, c1)
         if self.coef is None:
             self.coef = torch.empty(self.wa.shape[1], dtype=self.wa.dtype)
         cols = slice(c0 * K, c1 * K)
-        aT = pair[1].view(m * K, N)
-        cpu_native.backward_chunk(self.lib, aT, m, K, c0, z=z, lse=lse, g=gla, la=1.0, labels=labels,
-                                  dS=None if dS is None else dS[:, c0:], uT=uT, rw_chunk=self.rw[cols],
-                                  coef_chunk=self.coef[cols])
-        return aT.t()
+        uT = u.view(m * K, N)
+        cpu_native.backward_chunk(self.lib, uT, self.rw[cols], m, K, self.gamma, self.bounded, self.coef[cols], c0,
+                                  z=z, lse=lse, g=gla, la=1.0, labels=labels, dS=None if dS is None else dS[:, c0:])
+        return uT.t()
 
-    def release(self, pair, z) -> None:
-        for buf in (*(pair or ()), z):
+    def release(self, u, z) -> None:
+        for buf in (u, z):
             if buf is not None:
                 _give(buf.view(-1))
 
@@ -339,11 +315,12 @@ class _Saved:
 # ----------------------------------------------------------------------------------------- forward / backward
 def _run_forward(ops, labels, la, margin, want_cache: bool, S_out=None):
     """All chunks. Loss mode (labels given): returns (rows, lse, cache); logits mode: fills S_out, returns
-    (None, None, cache). cache = per-chunk (z, factor) kept for the backward, or None when not wanted / too big."""
+    (None, None, cache). cache = per chunk (z, what the backward needs), or None when not wanted / too big."""
     xa = ops.xa
     N, M = xa.shape[0], ops.wa.shape[1]
     C = M // ops.K
-    keep = ops.cache_plan(N, M, C if labels is not None else 0) if want_cache else None
+    # the cache: per chunk an N x m*K buffer (torch: the factor a; native: u) and the logits z (loss mode)
+    keep = want_cache and N * (M + (C if labels is not None else 0)) * xa.element_size() <= _config["cache_bytes"]
     state = None
     if labels is not None:
         state = (torch.full((N,), float("-inf"), dtype=xa.dtype, device=xa.device),
@@ -352,11 +329,11 @@ def _run_forward(ops, labels, la, margin, want_cache: bool, S_out=None):
     cached = []
     for c0, c1 in _chunks(C, ops.step):
         z, a = ops.forward(c0, c1, keep, labels, la, margin, state, S_out)
-        if keep is not None:
+        if keep:
             cached.append((z, a))
         else:
             ops.release(a, z)
-    cached = cached if keep is not None else None
+    cached = cached if keep else None
     if labels is None:
         return None, None, cached
     m_run, l_run, zt = state
@@ -375,7 +352,7 @@ def _run_backward(ops, cached, need_x: bool, need_w: bool, labels=None, la=0.0, 
     dx = torch.zeros_like(ops.xa) if need_x else None
     V = torch.empty_like(ops.wa) if need_w else None
     for i, (c0, c1) in enumerate(_chunks(C, ops.step)):
-        z, a = cached[i] if cached is not None else ops.forward(c0, c1, "factor", labels, la, margin)
+        z, a = cached[i] if cached is not None else ops.forward(c0, c1, True, labels, la, margin)
         _products(ops, ops.grad(a, c0, c1, z=z, lse=lse, gla=gla, labels=labels, dS=dS), c0, c1, dx, V)
         ops.release(a, z)
     return dx, None if V is None else ops.centers_grad(V)

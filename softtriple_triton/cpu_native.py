@@ -103,7 +103,7 @@ static inline double st_exp_f64(double x) {
     return p * s1 * s2;
 }
 
-int st_version(void) { return 2; }
+int st_version(void) { return 3; }
 
 void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
 void st_exp_f64_array(int64_t n, const double* x, double* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f64(x[i]); }
@@ -147,71 +147,81 @@ void st_center_grad_SFX(int64_t d, int64_t M, real* restrict V, int64_t ldv, con
     }
 }
 
-/* Forward of one chunk of m classes: uT [m*K, N] = u^T (u = x @ w_chunk, raw centers), rw its inverse column norms.
-   t = u rw / gamma; e = exp(t - shift) with shift = 1/gamma when `bounded` (|s| <= 1), else the per-class max;
-   den = sum_k e; S = gamma sum_k e t / den.
-   Writes (each optional, NULL = skip):
+/* The inner softmax of one class over batch entries i0 .. i0+ni, from its K rows of uT (row k at uc + k * N):
+   T[k] = t = u rw / gamma, E[k] = e = exp(t - shift) (shift 1/gamma when `bounded`: |s| <= 1, else the
+   per-entry max over k), DEN = 1 / sum_k e, SS = S = gamma sum_k e t / sum_k e. Scratch rows are TILE long. */
+static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* restrict uc, const real* restrict rwc,
+                                real gamma, int bounded, real* restrict T, real* restrict E, real* restrict MX,
+                                real* restrict DEN, real* restrict NUM, real* restrict SS) {
+    const real inv_gamma = (real)1 / gamma;
+    for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
+    if (bounded) {
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict uk = uc + k * N;
+            real* restrict tk = T + k * TILE;
+            real* restrict ek = E + k * TILE;
+            const real f = rwc[k] * inv_gamma;
+            for (int64_t i = 0; i < ni; i++) {
+                real t = uk[i] * f;
+                real e = st_exp_SFX(t - inv_gamma);
+                tk[i] = t;
+                ek[i] = e;
+                DEN[i] += e;
+                NUM[i] += e * t;
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict uk = uc + k * N;
+            real* restrict tk = T + k * TILE;
+            const real f = rwc[k] * inv_gamma;
+            for (int64_t i = 0; i < ni; i++) tk[i] = uk[i] * f;
+            if (k == 0) {
+                for (int64_t i = 0; i < ni; i++) MX[i] = tk[i];
+            } else {
+                for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict tk = T + k * TILE;
+            real* restrict ek = E + k * TILE;
+            for (int64_t i = 0; i < ni; i++) {
+                real e = st_exp_SFX(tk[i] - MX[i]);
+                ek[i] = e;
+                DEN[i] += e;
+                NUM[i] += e * tk[i];
+            }
+        }
+    }
+    for (int64_t i = 0; i < ni; i++) {
+        SS[i] = gamma * (NUM[i] / DEN[i]);
+        DEN[i] = (real)1 / DEN[i];
+    }
+}
+
+/* Scratch of one thread for st_class: T, E (K x TILE each) and four TILE rows. */
+static real* st_scratch_SFX(int64_t K) { return (real*)malloc(sizeof(real) * (size_t)(2 * K * TILE + 4 * TILE)); }
+
+/* Forward of one chunk of m classes: uT [m*K, N] = u^T (u = x @ w_chunk, raw centers; read only), rw its inverse
+   column norms. Writes (each optional, NULL = skip):
      z [m, N]            la S - la margin [class == label]      (the class logits)
      S_out [N, ldS]      S (at S_out[i * ldS + c])              (the logits mode)
-     aT [m*K, N]         a = rw (e / den) (1 + t - S / gamma)   (= dS/du, the gradient factor)
    and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit. */
 void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, const real* restrict rw, real gamma,
                     int bounded, real la, real margin, const int64_t* restrict labels, int64_t c0,
-                    real* restrict z, real* restrict S_out, int64_t ldS, real* restrict aT,
+                    real* restrict z, real* restrict S_out, int64_t ldS,
                     real* restrict m_run, real* restrict l_run, real* restrict zt, int nt) {
-    const real inv_gamma = (real)1 / gamma;
     const real lam = la * margin;
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
     {
-        real* T = (real*)malloc(sizeof(real) * (size_t)(2 * K * TILE + 4 * TILE));
-        real* E = T + K * TILE;
-        real* MX = E + K * TILE;
-        real* DEN = MX + TILE;
-        real* NUM = DEN + TILE;
-        real* SS = NUM + TILE;
+        real* T = st_scratch_SFX(K);
+        real *E = T + K * TILE, *MX = E + K * TILE, *DEN = MX + TILE, *NUM = DEN + TILE, *SS = NUM + TILE;
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < m; c++) {
             const int64_t cg = c0 + c;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
-                for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
-                if (!bounded) {
-                    for (int64_t k = 0; k < K; k++) {
-                        const real* restrict uk = uT + (c * K + k) * N + i0;
-                        real* restrict tk = T + k * TILE;
-                        const real f = rw[c * K + k] * inv_gamma;
-                        for (int64_t i = 0; i < ni; i++) tk[i] = uk[i] * f;
-                        if (k == 0) {
-                            for (int64_t i = 0; i < ni; i++) MX[i] = tk[i];
-                        } else {
-                            for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
-                        }
-                    }
-                }
-                for (int64_t k = 0; k < K; k++) {
-                    real* restrict tk = T + k * TILE;
-                    real* restrict ek = E + k * TILE;
-                    if (bounded) {
-                        const real* restrict uk = uT + (c * K + k) * N + i0;
-                        const real f = rw[c * K + k] * inv_gamma;
-                        for (int64_t i = 0; i < ni; i++) {
-                            real t = uk[i] * f;
-                            real e = st_exp_SFX(t - inv_gamma);
-                            tk[i] = t;
-                            ek[i] = e;
-                            DEN[i] += e;
-                            NUM[i] += e * t;
-                        }
-                    } else {
-                        for (int64_t i = 0; i < ni; i++) {
-                            real e = st_exp_SFX(tk[i] - MX[i]);
-                            ek[i] = e;
-                            DEN[i] += e;
-                            NUM[i] += e * tk[i];
-                        }
-                    }
-                }
-                for (int64_t i = 0; i < ni; i++) SS[i] = gamma * (NUM[i] / DEN[i]);
+                st_class_SFX(N, K, ni, uT + c * K * N + i0, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
                 if (z) {
                     real* restrict zc = z + c * N + i0;
                     const int64_t* restrict lab = labels + i0;
@@ -219,16 +229,6 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
                 }
                 if (S_out) {
                     for (int64_t i = 0; i < ni; i++) S_out[(i0 + i) * ldS + c] = SS[i];
-                }
-                if (aT) {
-                    for (int64_t i = 0; i < ni; i++) { DEN[i] = (real)1 / DEN[i]; NUM[i] = (real)1 - SS[i] * inv_gamma; }
-                    for (int64_t k = 0; k < K; k++) {
-                        real* restrict ak = aT + (c * K + k) * N + i0;
-                        const real* restrict tk = T + k * TILE;
-                        const real* restrict ek = E + k * TILE;
-                        const real r = rw[c * K + k];
-                        for (int64_t i = 0; i < ni; i++) ak[i] = r * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
-                    }
                 }
             }
         }
@@ -261,26 +261,30 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
     }
 }
 
-/* Backward of one chunk: aT [m*K, N] holds the factor a = dS/du; in place, dL/du = a * G with
-   G = g la (exp(z - lse) - [class == label])  (loss mode, z [m, N]), or G = dS[i * ldS + c] (logits mode).
-   With uT given, also coef_j = rw_j^2 sum_i dL/du_ij u_ij = rw_j^2 (w_j . V_j) for the centre gradient. */
-void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const real* restrict z,
-                     const real* restrict lse, const real* restrict g, real la, const int64_t* restrict labels,
-                     int64_t c0, const real* restrict dS, int64_t ldS, const real* restrict uT,
-                     const real* restrict rw, real* restrict coef, int nt) {
+/* Backward of one chunk, in place of uT [m*K, N]: dL/du = a G with the factor a = dS/du = rw (e / den)
+   (1 + t - S / gamma) recomputed from u, and G = g la (exp(z - lse) - [class == label]) (loss mode, z [m, N])
+   or G = dS[i * ldS + c] (logits mode). Also coef_j = rw_j^2 sum_i dL/du_ij u_ij = rw_j^2 (w_j . V_j), the
+   centre-gradient coefficients of the chunk's columns (V = x^T dL/du). */
+void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const real* restrict rw, real gamma,
+                     int bounded, const real* restrict z, const real* restrict lse, const real* restrict g, real la,
+                     const int64_t* restrict labels, int64_t c0, const real* restrict dS, int64_t ldS,
+                     real* restrict coef, int nt) {
     enum { L = 16 };  /* partial sums of the dot products: a fixed order, vectorisable */
+    const real inv_gamma = (real)1 / gamma;
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
     {
+        real* T = st_scratch_SFX(K);
+        real *E = T + K * TILE, *MX = E + K * TILE, *DEN = MX + TILE, *NUM = DEN + TILE, *SS = NUM + TILE;
         real G[TILE];
+        double* part = (double*)malloc(sizeof(double) * (size_t)(K * L));
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < m; c++) {
             const int64_t cg = c0 + c;
-            double part[64][L];
-            const int64_t Kp = K < 64 ? K : 64;
-            for (int64_t k = 0; k < Kp; k++)
-                for (int l = 0; l < L; l++) part[k][l] = 0.0;
+            for (int64_t k = 0; k < K * L; k++) part[k] = 0.0;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
+                real* uc = uT + c * K * N + i0;
+                st_class_SFX(N, K, ni, uc, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
                 if (z) {
                     const real* restrict zc = z + c * N + i0;
                     const int64_t* restrict lab = labels + i0;
@@ -289,33 +293,39 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict aT, const r
                 } else {
                     for (int64_t i = 0; i < ni; i++) G[i] = dS[(i0 + i) * ldS + c];
                 }
+                /* per entry 1 - S / gamma; per centre p = e / den first (<= 1: nothing overflows when den is
+                   tiny), the factor p (t + 1 - S / gamma) rw, dL/du = factor G, and the dots */
+                for (int64_t i = 0; i < ni; i++) NUM[i] = (real)1 - SS[i] * inv_gamma;
                 for (int64_t k = 0; k < K; k++) {
-                    real* restrict ak = aT + (c * K + k) * N + i0;
-                    for (int64_t i = 0; i < ni; i++) ak[i] *= G[i];
-                    if (uT && k < 64) {
-                        const real* restrict uk = uT + (c * K + k) * N + i0;
-                        int64_t i = 0;
-                        for (; i + L <= ni; i += L)
-                            for (int l = 0; l < L; l++) part[k][l] += (double)ak[i + l] * (double)uk[i + l];
-                        for (; i < ni; i++) part[k][0] += (double)ak[i] * (double)uk[i];
+                    real* restrict uk = uc + k * N;
+                    const real* restrict tk = T + k * TILE;
+                    const real* restrict ek = E + k * TILE;
+                    const real r = rw[c * K + k];
+                    double* restrict pk = part + k * L;
+                    int64_t i = 0;
+                    for (; i + L <= ni; i += L) {
+                        for (int l = 0; l < L; l++) {
+                            real d = (r * G[i + l]) * ((ek[i + l] * DEN[i + l]) * (tk[i + l] + NUM[i + l]));
+                            pk[l] += (double)d * (double)uk[i + l];
+                            uk[i + l] = d;
+                        }
+                    }
+                    for (; i < ni; i++) {
+                        real d = (r * G[i]) * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
+                        pk[0] += (double)d * (double)uk[i];
+                        uk[i] = d;
                     }
                 }
             }
-            if (uT) {
-                for (int64_t k = 0; k < K; k++) {
-                    double s = 0.0;
-                    if (k < 64) {
-                        for (int l = 0; l < L; l++) s += part[k][l];
-                    } else {  /* K > 64: a plain loop */
-                        const real* restrict ak = aT + (c * K + k) * N;
-                        const real* restrict uk = uT + (c * K + k) * N;
-                        for (int64_t i = 0; i < N; i++) s += (double)ak[i] * (double)uk[i];
-                    }
-                    const double r = (double)rw[c * K + k];
-                    coef[c * K + k] = (real)(r * r * s);
-                }
+            for (int64_t k = 0; k < K; k++) {
+                double sum = 0.0;
+                for (int l = 0; l < L; l++) sum += part[k * L + l];
+                const double r = (double)rw[c * K + k];
+                coef[c * K + k] = (real)(r * r * sum);
             }
         }
+        free(part);
+        free(T);
     }
 }
 """
@@ -399,7 +409,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         try:
             lib = ctypes.CDLL(so)
             _declare(lib)
-            if lib.st_version() != 2:
+            if lib.st_version() != 3:
                 raise OSError("version mismatch")
             return lib, None
         except (OSError, AttributeError) as e:
@@ -413,9 +423,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_inv_norms_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_center_grad_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, real, real, ptr, i64,
-                                                      ptr, ptr, i64, ptr, ptr, ptr, ptr, cint]
-        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, real, ptr, i64, ptr, i64,
-                                                       ptr, ptr, ptr, cint]
+                                                      ptr, ptr, i64, ptr, ptr, ptr, cint]
+        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, real, ptr,
+                                                       i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
         for name in ("inv_norms", "center_grad", "forward", "backward"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
@@ -451,41 +461,43 @@ def status() -> dict:
 
 
 # ----------------------------------------------------------------------------------------- thin wrappers
+def _call(lib, name: str, t: torch.Tensor, *args) -> None:
+    """lib.st_<name>_<f32|f64>(*args, threads), under a profiler label while torch.profiler records."""
+    fn = getattr(lib, f"st_{name}_{'f64' if t.dtype == torch.float64 else 'f32'}")
+    if torch._C._autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function(f"softtriple::{name}"):
+            fn(*args, torch.get_num_threads())
+    else:
+        fn(*args, torch.get_num_threads())
+
+
 def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _sfx(t: torch.Tensor) -> str:
-    return "f64" if t.dtype == torch.float64 else "f32"
 
 
 def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
     """1 / max(||w_j||, 1e-12) per column of w [d, M] (w.stride(1) == 1)."""
     rw = torch.empty(w.shape[1], dtype=w.dtype)
-    getattr(lib, "st_inv_norms_" + _sfx(w))(w.shape[0], w.shape[1], w.data_ptr(), w.stride(0), rw.data_ptr(),
-                                            torch.get_num_threads())
+    _call(lib, "inv_norms", w, w.shape[0], w.shape[1], w.data_ptr(), w.stride(0), rw.data_ptr())
     return rw
 
 
 def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """In place: V_j -= w_j coef_j (coef from backward_chunk)."""
-    getattr(lib, "st_center_grad_" + _sfx(w))(w.shape[0], w.shape[1], V.data_ptr(), V.stride(0), w.data_ptr(),
-                                              w.stride(0), coef.data_ptr(), torch.get_num_threads())
+    _call(lib, "center_grad", w, w.shape[0], w.shape[1], V.data_ptr(), V.stride(0), w.data_ptr(), w.stride(0),
+          coef.data_ptr())
     return V
 
 
-def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=0.0, labels=None, z=None, S_out=None,
-                  aT=None, m_run=None, l_run=None, zt=None) -> None:
+def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=0.0, labels=None, z=None,
+                  S_out=None, m_run=None, l_run=None, zt=None) -> None:
     """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes."""
-    getattr(lib, "st_forward_" + _sfx(uT))(uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma,
-                                           int(bounded), la, margin, _p(labels), c0, _p(z), _p(S_out),
-                                           0 if S_out is None else S_out.stride(0), _p(aT), _p(m_run), _p(l_run),
-                                           _p(zt), torch.get_num_threads())
+    _call(lib, "forward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
+          _p(labels), c0, _p(z), _p(S_out), 0 if S_out is None else S_out.stride(0), _p(m_run), _p(l_run), _p(zt))
 
 
-def backward_chunk(lib, aT, m, K, c0, z=None, lse=None, g=None, la=0.0, labels=None, dS=None, uT=None, rw_chunk=None,
-                   coef_chunk=None) -> None:
-    """In place aT -> dL/du; with uT, also the centre-gradient coefficients of the chunk's columns."""
-    getattr(lib, "st_backward_" + _sfx(aT))(aT.shape[1], m, K, aT.data_ptr(), _p(z), _p(lse), _p(g), la, _p(labels),
-                                            c0, _p(dS), 0 if dS is None else dS.stride(0), _p(uT), _p(rw_chunk),
-                                            _p(coef_chunk), torch.get_num_threads())
+def backward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, coef_chunk, c0=0, z=None, lse=None, g=None, la=0.0,
+                   labels=None, dS=None) -> None:
+    """In place uT -> dL/du, and the centre-gradient coefficients of the chunk's columns into coef_chunk."""
+    _call(lib, "backward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), _p(z),
+          _p(lse), _p(g), la, _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef_chunk.data_ptr())
