@@ -123,9 +123,14 @@ def _bounded(x_normalized: bool, gamma: float, dtype: torch.dtype) -> bool:
     return x_normalized and gamma >= _MIN_GAMMA_FOR_CONSTANT_SHIFT[dtype]
 
 
-def _native_lib(t: Tensor):
-    """The fused C kernels when this call can use them (CPU fp32/fp64 tensors, not while torch.compile traces)."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+_NATIVE_MAX_K = 4096  # the C kernels keep 2 x K x 256 entries of scratch per thread
+
+
+def _native_lib(t: Tensor, K: int):
+    """The fused C kernels when this call can use them (CPU fp32/fp64 tensors, K <= 4096, not while torch.compile
+    traces)."""
+    if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or K > _NATIVE_MAX_K
+            or torch.compiler.is_compiling()):
         return None
     return cpu_native.library()
 
@@ -286,7 +291,7 @@ def _chunks_for(x: Tensor, w: Tensor, K: int, gamma: float, x_normalized: bool):
     acc = acc_dtype(x.dtype, w.dtype)
     xa, wa = x.to(acc), w.to(acc)
     bounded = _bounded(x_normalized, gamma, acc)
-    lib = _native_lib(xa)
+    lib = _native_lib(xa, K)
     if lib is None:
         return _TorchChunks(xa, wa, K, gamma, bounded)
     return _NativeChunks(xa, wa, K, gamma, bounded, lib)

@@ -50,9 +50,12 @@ _COMMON = r"""
    NaN propagates; -inf gives 0, +inf gives inf. */
 static inline float st_exp_f32(float x) {
     float xc = x < -104.0f ? -104.0f : x;                   /* exp(-104) rounds to 0: gradual underflow below */
-    xc = xc > 89.0f ? 89.0f : xc;                           /* exp(89) overflows to inf */
-    float xs = xc == xc ? xc : 0.0f;                        /* NaN: any n, r stays NaN */
-    float n = (xs * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   /* round to nearest */
+    xc = xc > 89.0f ? 89.0f : xc;                           /* exp(89) overflows to inf; NaN passes both */
+    float kf = xc * 1.44269504088896341f + 12582912.0f;     /* 1.5 * 2^23: kf's low bits hold round(x / ln2) */
+    uint32_t kb;
+    memcpy(&kb, &kf, 4);
+    int32_t ni = (int32_t)(kb - 0x4B400000u);                /* the integer n, no float-to-int conversion */
+    float n = kf - 12582912.0f;
     float r = xc - n * 0.693359375f;                        /* ln2 = 0.693359375 - 2.12194440e-4 */
     r = r + n * 2.12194440e-4f;
     float p = 1.0f / 5040.0f;
@@ -63,20 +66,22 @@ static inline float st_exp_f32(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t ni = (int32_t)n;
     int32_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-75, 64]: two normal powers of two */
     uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
     memcpy(&s1, &b1, 4);
     memcpy(&s2, &b2, 4);
-    return p * s1 * s2;
+    return p * s1 * s2;                                     /* NaN: r and p are NaN, whatever n holds */
 }
 
 static inline double st_exp_f64(double x) {
     double xc = x < -746.0 ? -746.0 : x;
     xc = xc > 710.0 ? 710.0 : xc;
-    double xs = xc == xc ? xc : 0.0;
-    double n = (xs * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+    double kf = xc * 1.4426950408889634 + 6755399441055744.0;   /* 1.5 * 2^52 */
+    uint64_t kb;
+    memcpy(&kb, &kf, 8);
+    int64_t ni = (int64_t)(kb - 0x4338000000000000ull);
+    double n = kf - 6755399441055744.0;
     double r = xc - n * 6.93147180369123816490e-01;          /* ln2 split (hi has 32 trailing zero bits) */
     r = r - n * 1.90821492927058770002e-10;
     double p = 1.0 / 87178291200.0;
@@ -94,7 +99,6 @@ static inline double st_exp_f64(double x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    int64_t ni = (int64_t)n;
     int64_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-538, 512] */
     uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
     double s1, s2;
@@ -275,12 +279,12 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
     {
         real* T = st_scratch_SFX(K);
         real *E = T + K * TILE, *MX = E + K * TILE, *DEN = MX + TILE, *NUM = DEN + TILE, *SS = NUM + TILE;
-        real G[TILE];
-        double* part = (double*)malloc(sizeof(double) * (size_t)(K * L));
+        real G[TILE], part[L];
+        double* dot = (double*)malloc(sizeof(double) * (size_t)K);
         #pragma omp for schedule(static)
         for (int64_t c = 0; c < m; c++) {
             const int64_t cg = c0 + c;
-            for (int64_t k = 0; k < K * L; k++) part[k] = 0.0;
+            for (int64_t k = 0; k < K; k++) dot[k] = 0.0;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
                 real* uc = uT + c * K * N + i0;
@@ -301,36 +305,41 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
                     const real* restrict tk = T + k * TILE;
                     const real* restrict ek = E + k * TILE;
                     const real r = rw[c * K + k];
-                    double* restrict pk = part + k * L;
+                    for (int l = 0; l < L; l++) part[l] = 0;
                     int64_t i = 0;
                     for (; i + L <= ni; i += L) {
                         for (int l = 0; l < L; l++) {
                             real d = (r * G[i + l]) * ((ek[i + l] * DEN[i + l]) * (tk[i + l] + NUM[i + l]));
-                            pk[l] += (double)d * (double)uk[i + l];
+                            part[l] += d * uk[i + l];
                             uk[i + l] = d;
                         }
                     }
                     for (; i < ni; i++) {
                         real d = (r * G[i]) * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
-                        pk[0] += (double)d * (double)uk[i];
+                        part[0] += d * uk[i];
                         uk[i] = d;
                     }
+                    /* at most TILE / L terms per partial sum in `real`, the partials and tiles summed in double */
+                    double sum = 0.0;
+                    for (int l = 0; l < L; l++) sum += (double)part[l];
+                    dot[k] += sum;
                 }
             }
             for (int64_t k = 0; k < K; k++) {
-                double sum = 0.0;
-                for (int l = 0; l < L; l++) sum += part[k * L + l];
                 const double r = (double)rw[c * K + k];
-                coef[c * K + k] = (real)(r * r * sum);
+                coef[c * K + k] = (real)(r * r * dot[k]);
             }
         }
-        free(part);
+        free(dot);
         free(T);
     }
 }
 """
 
-_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-mprefer-vector-width=512"]
+# -fno-trapping-math lets the compiler turn the selects of exp (clamps, NaN test) into vector blends on AVX2 (without
+# it those loops stay scalar there; AVX-512 masks them either way); -ffp-contract=fast gives fused multiply-adds.
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+          "-mprefer-vector-width=512"]
 _OPTIONAL = (["-march=native"], ["-fopenmp"])  # dropped one by one when the compiler refuses them
 
 _lock = threading.Lock()
