@@ -31,18 +31,33 @@ from timing import Clock, floor_sampler, step_sampler, time_interleaved  # noqa:
 POLICY = dict(min_reps=7, max_reps=40, slow_reps=3, target_s=1.5, cap_s=30.0)
 
 
-def load_ref_cpu(ref: str):
-    """softtriple_triton/cpu.py at `ref`, loaded as softtriple_triton._cpu_ref (its relative imports resolve to the
-    working tree's package)."""
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{ref}:softtriple_triton/cpu.py"], capture_output=True,
-                         text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "cpu_ref.py")
+def _git_show(ref: str, path: str) -> str | None:
+    r = subprocess.run(["git", "-C", ROOT, "show", f"{ref}:{path}"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _load(name: str, src: str):
+    path = os.path.join(tempfile.mkdtemp(), name.rsplit(".", 1)[1] + ".py")
     with open(path, "w") as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location("softtriple_triton._cpu_ref", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_ref_cpu(ref: str):
+    """softtriple_triton/cpu.py at `ref` (and its cpu_native.py, if it has one), loaded as
+    softtriple_triton._cpu_ref; its other relative imports resolve to the working tree's package."""
+    src = _git_show(ref, "softtriple_triton/cpu.py")
+    if src is None:
+        raise SystemExit(f"no softtriple_triton/cpu.py at {ref}")
+    native = _git_show(ref, "softtriple_triton/cpu_native.py")
+    if native is not None:
+        _load("softtriple_triton._cpu_native_ref", native)
+        src = src.replace("from . import cpu_native\n", "from . import _cpu_native_ref as cpu_native\n")
+    return _load("softtriple_triton._cpu_ref", src)
 
 
 def ours_with(rows_fn, case, x, fc, y):

@@ -48,6 +48,10 @@ _COMMON = r"""
    Taylor polynomial (degree 7 in fp32, 14 in fp64), 2^n applied as two factors so that the result underflows
    gradually like libm's. The input is clamped where the result has rounded to 0 / overflowed to inf already.
    NaN propagates; -inf gives 0, +inf gives inf. */
+static const double ST_INV_FACTORIAL[15] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+    1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+    1.0 / 87178291200.0};
+
 static inline float st_exp_f32(float x) {
     float xc = x < -104.0f ? -104.0f : x;                   /* exp(-104) rounds to 0: gradual underflow below */
     xc = xc > 89.0f ? 89.0f : xc;                           /* exp(89) overflows to inf; NaN passes both */
@@ -58,14 +62,8 @@ static inline float st_exp_f32(float x) {
     float n = kf - 12582912.0f;
     float r = xc - n * 0.693359375f;                        /* ln2 = 0.693359375 - 2.12194440e-4 */
     r = r + n * 2.12194440e-4f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    float p = 1.0f / 5040.0f;                               /* sum_k r^k / k!, k <= 7, by Horner */
+    for (int k = 6; k >= 0; k--) p = p * r + (float)ST_INV_FACTORIAL[k];
     int32_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-75, 64]: two normal powers of two */
     uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
@@ -84,21 +82,8 @@ static inline double st_exp_f64(double x) {
     double n = kf - 6755399441055744.0;
     double r = xc - n * 6.93147180369123816490e-01;          /* ln2 split (hi has 32 trailing zero bits) */
     r = r - n * 1.90821492927058770002e-10;
-    double p = 1.0 / 87178291200.0;
-    p = p * r + 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    double p = ST_INV_FACTORIAL[14];                        /* k <= 14 */
+    for (int k = 13; k >= 0; k--) p = p * r + ST_INV_FACTORIAL[k];
     int64_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-538, 512] */
     uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
     double s1, s2;
