@@ -2,8 +2,8 @@
 
 The N x (C*K) similarities are processed in chunks of whole classes, at most ``chunk_bytes`` per
 temporary. The forward keeps an online log-sum-exp across chunks. The backward needs, per chunk,
-dL/ds = g * la * (q - onehot) * a with the factor a = dS/ds = p * (1 + (s - S) / gamma): when the factor
-(N x C*K) plus the logits (N x C) fit in ``cache_bytes`` they are kept from the forward, so forward + backward
+dL/ds = g * la * (q - onehot) * a with the factor a = dS/ds = p * (1 + (s - S) / gamma): when one N x C*K
+buffer plus the logits (N x C) fit in ``cache_bytes`` they are kept from the forward, so forward + backward
 cost exactly three matrix products; otherwise the backward recomputes each chunk from the inputs (four matrix
 products, memory O(N * chunk)).
 
@@ -11,17 +11,20 @@ The column normalisation of the centers is folded in: s = (x @ w) * rw with rw =
 its backward dw = V - w * rw^2 * (w . V) with V = x^T @ (ds * rw) is done here, not by autograd, so no
 normalised copy of the centers is made. Embedding normalisation (N x d, cheap) is left to autograd.
 
-Two implementations of the per-chunk element-wise work, same math:
+Two implementations of the per-chunk element-wise work, same math (``_NativeChunks``, ``_TorchChunks``):
 - CPU, fp32/fp64 (the default there): the fused C kernels of ``cpu_native`` on a transposed chunk
-  u^T = w_chunk^T @ x^T, one pass per chunk in the forward and one in the backward;
-- everywhere else (CUDA tensors, while torch.compile traces, or when the C kernels cannot be built): torch
-  operations on an [N, m, K] chunk (``_chunk_similarity``).
+  u^T = w_chunk^T @ x^T, one pass per chunk in the forward and one in the backward (which redoes the inner
+  softmax from the cached u);
+- everywhere else (CUDA tensors, while torch.compile traces, K > 4096, or when the C kernels cannot be built):
+  torch operations on an [N, m, K] chunk, caching the factor a.
 Both are exact to the fp64 formula (the tests compare both to backend="reference").
 
-Autograd: ``torch.func.grad``/``vjp``/``vmap``/``jacrev`` work (setup_context, a vmap rule that runs the
-samples one by one, and a backward that switches to differentiating the plain formula when asked for a graph
-(``create_graph=True``, double backward) or when it runs under a torch.func transform of its own). Forward-mode
-AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) is computed exactly by a chunked ``jvp`` rule.
+Autograd: ``torch.func.grad``/``vjp``/``vmap``/``jacrev``/``jacfwd``/``hessian``/``jvp`` and
+``torch.autograd.forward_ad`` work: setup_context, a vmap rule that runs the samples one by one, an exact chunked
+jvp rule, and a backward that computes the plain formula's gradient with out-of-place torch operations whenever
+it must itself be differentiable (``create_graph=True`` with something to differentiate: double backward) or runs
+under a torch.func transform (wrapped tensors); that path materialises N x C*K like backend="reference".
+Under torch.compile the same math is a ctx-style Function (``_TracedLoss``; dynamo traces no jvp/vmap rules).
 """
 
 from __future__ import annotations
@@ -188,7 +191,6 @@ def _chunk_logits(S: Tensor, labels: Tensor, c0: int, la: float, margin: float):
     z = S * la
     z.view(-1)[idx] -= (la * margin) * own.to(z.dtype)
     return z, idx, own
-
 
 
 # ----------------------------------------------------------------------------------------- per-chunk implementations
