@@ -223,12 +223,14 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
         }
         free(T);
         if (m_run) {
-            /* rows of the batch in blocks: new max, rescaled sum of exp, target logit */
-            const int64_t nbk = (N + TILE - 1) / TILE;
+            /* rows of the batch in blocks of 64 (so that both threads share a batch of 128): new max, rescaled
+               sum of exp, target logit */
+            enum { RB = 64 };
+            const int64_t nbk = (N + RB - 1) / RB;
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < nbk; b++) {
-                const int64_t i0 = b * TILE, ni = N - i0 < TILE ? N - i0 : TILE;
-                real mx[TILE], acc[TILE];
+                const int64_t i0 = b * RB, ni = N - i0 < RB ? N - i0 : RB;
+                real mx[RB], acc[RB];
                 for (int64_t i = 0; i < ni; i++) mx[i] = m_run[i0 + i];
                 for (int64_t c = 0; c < m; c++) {
                     const real* restrict zc = z + c * N + i0;
