@@ -143,6 +143,15 @@ static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* re
                                 real gamma, int bounded, real* restrict T, real* restrict E, real* restrict MX,
                                 real* restrict DEN, real* restrict NUM, real* restrict SS) {
     const real inv_gamma = (real)1 / gamma;
+    if (K == 1) {  /* p = 1, S = s: no exponential */
+        for (int64_t i = 0; i < ni; i++) {
+            T[i] = uc[i] * (rwc[0] * inv_gamma);
+            E[i] = 1;
+            DEN[i] = 1;
+            SS[i] = uc[i] * rwc[0];
+        }
+        return;
+    }
     for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
     if (bounded) {
         for (int64_t k = 0; k < K; k++) {
@@ -287,6 +296,9 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
                 /* per entry 1 - S / gamma; per centre p = e / den first (<= 1: nothing overflows when den is
                    tiny), the factor p (t + 1 - S / gamma) rw, dL/du = factor G, and the dots */
                 for (int64_t i = 0; i < ni; i++) NUM[i] = (real)1 - SS[i] * inv_gamma;
+                if (K == 1) {  /* the factor is rw exactly */
+                    for (int64_t i = 0; i < ni; i++) { T[i] = 0; NUM[i] = 1; }
+                }
                 for (int64_t k = 0; k < K; k++) {
                     real* restrict uk = uc + k * N;
                     const real* restrict tk = T + k * TILE;
