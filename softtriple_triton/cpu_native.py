@@ -401,7 +401,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
             with open(c_path, "w") as f:
                 f.write(src)
             try:
-                r = subprocess.run([cc, *flags, c_path, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+                r = subprocess.run([cc, *flags, c_path, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=60)
             except (OSError, subprocess.SubprocessError) as e:
                 r = None
                 last_err = f"{type(e).__name__}: {e}"
