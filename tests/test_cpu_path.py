@@ -257,3 +257,27 @@ def test_forward_ad_matches_oracle(impl):
     for f in (lambda be: _loss(be, y, 3, reduction="none"), lambda be: _logits(be, 3)):
         got, want = tangent(f("torch")), tangent(f("reference"))
         assert got is not None and rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "checkpoint-reentrant", "anomaly", "retain-graph-twice"])
+def test_autograd_modes_match_oracle(impl, mode):
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, y = make_inputs(12, 8, 5, 3, seed=3)
+
+    def grads(be):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        f = _loss(be, y, 3)
+        if mode.startswith("checkpoint"):
+            checkpoint(f, a, b, use_reentrant=mode.endswith("reentrant")).backward()
+        elif mode == "anomaly":
+            with torch.autograd.detect_anomaly():
+                f(a, b).backward()
+        else:
+            loss = f(a, b)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        return a.grad, b.grad
+
+    for a, b in zip(grads("torch"), grads("reference")):
+        assert rel_err(a, b) <= 1e-12
