@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,8 +34,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import providers as P  # noqa: E402
-from grids import grid  # noqa: E402
-from timing import Clock, time_floor, time_step  # noqa: E402
+from grids import TARGET_CPU, grid  # noqa: E402
+from timing import Clock, floor_sampler, step_sampler, time_interleaved  # noqa: E402
 
 POLICIES = {  # repeats: at least min_reps, then until target_s of timing per provider, at most max_reps
     "smoke": dict(min_reps=1, max_reps=1, slow_reps=1, target_s=0.0, cap_s=30.0),
@@ -108,6 +109,11 @@ def machine_gflops(device: str) -> float:
     return 3 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9
 
 
+def native_status() -> dict:
+    from softtriple_triton import cpu_native
+    return cpu_native.status()
+
+
 # ----------------------------------------------------------------------------------------- one case
 def row(env, case: P.Case, provider, mode, metric, value, status="ok", **kw) -> dict:
     r = {k: env[k] for k in ("device", "device_name", "device_tag", "torch", "triton", "date")}
@@ -148,6 +154,9 @@ def run_case(case: P.Case, env, args, policy, gflops, log, rows: list) -> list[d
             step, _ = P.build("ours", case, x, fc, y, device)
             ours_val = float(step())
     providers = [p for p in P.PROVIDERS if p in args.providers] if case.timing else []
+    # ---- build every provider, check its loss against ours, then time them all in one interleaved run
+    clock = Clock(device)
+    samplers, info = {}, {}
     for prov in providers:
         pred = P.predicted_bytes(prov, case)
         reason = skip_reason(prov, case, args, gflops, policy)
@@ -160,41 +169,47 @@ def run_case(case: P.Case, env, args, policy, gflops, log, rows: list) -> list[d
                 rows.append(row(env, case, prov, "fwd+bwd", "peak_bytes", float("nan"), reason, predicted_bytes=pred))
             log(f"    {P.LABELS[prov]:<30} {reason} (predicted {pred / 2**30:.1f} GiB)")
             continue
+        check, cerr, status = "ok", 0.0, None
         if prov == "floor":
-            res = time_floor(P.floor_ops(case, x, fc, device), Clock(device), policy)
-            first, status, check, cerr = None, "ok", "n/a", None
+            samplers[prov] = floor_sampler(P.floor_ops(case, x, fc, device), clock)
+            check, cerr = "n/a", None
         else:
             try:
                 step, params = P.build(prov, case, x, fc, y, device)
-                check, cerr = "ok", 0.0
                 if prov != "ours":
                     with torch.no_grad():
                         v = float(step())
                     cerr = P.rel_err(v, ours_val)
                     check = "ok" if cerr <= tol else "MISMATCH"
-                if check != "ok":
-                    res, first, status = None, None, "mismatch"
+                if check == "ok":
+                    samplers[prov] = step_sampler(step, params, clock)
                 else:
-                    res, first, status = time_step(step, params, Clock(device), policy, policy["cap_s"])
-                del step, params
+                    status = "mismatch"
             except torch.OutOfMemoryError:
-                res, first, status, check, cerr = None, None, "oom", "n/a", None
+                status, check, cerr = "oom", "n/a", None
             except Exception as e:  # recorded, never dropped
-                res, first, status, check, cerr = None, None, f"error: {type(e).__name__}: {e}"[:200], "n/a", None
-            x.grad = fc.grad = None
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+                status, check, cerr = f"error: {type(e).__name__}: {e}"[:200], "n/a", None
+        info[prov] = (pred, check, cerr, status)
+    timed = time_interleaved(samplers, policy, policy["cap_s"]) if samplers else {}
+    x.grad = fc.grad = None
+    for prov, (pred, check, cerr, status) in info.items():
+        res = timed.get(prov, {})
+        status = status or res.get("status", "not run")
+        modes = res.get("modes")
         for mode in ("fwd", "bwd", "fwd+bwd"):
-            st = res[mode] if res else {"value": float("nan")}
+            st = modes[mode] if modes else {"value": float("nan")}
             rows.append(row(env, case, prov, mode, "time_s", st["value"], status, p20=st.get("p20"),
                             p80=st.get("p80"), n_repeats=st.get("n_repeats"), check=check, check_rel_err=cerr,
-                            predicted_bytes=pred))
-        if prov == "compile" and first is not None:
-            rows.append(row(env, case, prov, "fwd+bwd", "first_call_s", first, status,
-                            note="first call incl. compilation (0 if cached in this process)"))
-        msg = f"{res['fwd+bwd']['value'] * 1e3:9.2f} ms fwd+bwd" if res else ""
+                            predicted_bytes=pred, note="interleaved with the other providers of this case"))
+        if prov in ("compile", "ours") and res.get("first_s") is not None:
+            rows.append(row(env, case, prov, "fwd+bwd", "first_call_s", res["first_s"], status,
+                            note="first call in this process (torch.compile: incl. compilation)"))
+        msg = f"{modes['fwd+bwd']['value'] * 1e3:9.2f} ms fwd+bwd" if modes else ""
         log(f"    {P.LABELS[prov]:<30} {status:<14} {msg}  check={check}"
             + (f" (rel err {cerr:.1e})" if cerr else ""))
+    samplers.clear()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     del x, fc, y
     if case.memory:
         rows += run_memory(case, env, args, policy, gflops, log)
@@ -244,6 +259,50 @@ def run_memory(case: P.Case, env, args, policy, gflops, log) -> list[dict]:
             status = "timeout" if rc == "timeout" else f"crashed (rc={rc})"
             rows.append(row(env, case, p, "fwd+bwd", "peak_bytes", float("nan"), status, note=err))
             log(f"    memory {P.LABELS[p]:<23} {status}")
+    return rows
+
+
+_FIRST_CALL = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import providers as P
+from softtriple_triton import cpu_native
+x, fc, y = P.make_inputs(P.Case("target", 256, 512, 1000, 10), "cpu")
+step, params = P.build("ours", P.Case("target", 256, 512, 1000, 10), x, fc, y, "cpu")
+def one():
+    for p in params:
+        p.grad = None
+    t = time.perf_counter()
+    step().backward()
+    return time.perf_counter() - t
+first = one()
+warm = sorted(one() for _ in range(5))[2]
+print(json.dumps({"first_s": first, "warm_s": warm, "native": cpu_native.status()}))
+"""
+
+
+def first_call_latency(env, log) -> list[dict]:
+    """CPU: ours' first training step at the target shape in a fresh process, with an empty kernel cache (the C
+    kernels are compiled in that call) and then with the cached build; the extra latency is first - warm."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("empty kernel cache (builds the C kernels)", "cached kernel build"):
+            envv = dict(os.environ, SOFTTRIPLE_TRITON_CACHE=cache)
+            cmd = [sys.executable, "-c", _FIRST_CALL, HERE, str(torch.get_num_threads())]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, env=envv, timeout=300)
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+            except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+                log(f"    first call ({label}): failed: {type(e).__name__}: {e}")
+                continue
+            nat = res["native"]
+            kern = (f"C kernels built/loaded in {nat['build_s']:.2f} s" if nat["available"]
+                    else f"C kernels unavailable ({nat['reason']})")
+            note = f"fresh process, {label}; warm step {res['warm_s'] * 1e3:.1f} ms; {kern}"
+            rows.append(row(env, TARGET_CPU, "ours", "fwd+bwd", "first_call_s", res["first_s"], "ok", note=note))
+            log(f"    first call of ours, {label}: {res['first_s']:.2f} s ({note})")
     return rows
 
 
@@ -340,6 +399,9 @@ def main(argv=None) -> str:
             print(f"[{i}/{len(cases)} {el:6.0f}s] {case.sweep:<8} {case.case_id}", flush=True)
             run_case(case, env, args, policy, gflops, lambda m: print(m, flush=True), rows)
             pd.DataFrame(rows).to_csv(os.path.join(out, "results.csv"), index=False)  # partial results survive
+        if args.size != "smoke" and not args.device.startswith("cuda") and "ours" in args.providers:
+            print("[bench] first-call latency of ours (fresh processes)", flush=True)
+            rows += first_call_latency(env, lambda m: print(m, flush=True))
     except KeyboardInterrupt:
         interrupted = True
         print(f"[bench] interrupted after {len(set(r['case'] for r in rows))} cases; writing what was measured",
@@ -353,11 +415,12 @@ def main(argv=None) -> str:
         json.dump({**env, "size": args.size, "interrupted": interrupted, "loadavg_1min_start": load0,
                    "loadavg_1min_end": os.getloadavg()[0],
                    "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
-                   "mem_budget_gb": args.mem_budget_gb, "wall_s": time.perf_counter() - t_start}, f, indent=2)
+                   "mem_budget_gb": args.mem_budget_gb, "wall_s": time.perf_counter() - t_start,
+                   "cpu_native_kernels": native_status()}, f, indent=2)
     import report
     prof = None
     if args.size != "smoke" and "ours" in args.providers and not interrupted:
-        prof = report.profile_if_missed(df, args.device)
+        prof = report.profile_above_floor(df, args.device)
     load1 = os.getloadavg()[0]
     # Judged by the load before the run: the load at the end includes the benchmark's own threads (a quiet
     # 2-core machine running it ends near 2), so it is reported but not used.

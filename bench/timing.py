@@ -1,9 +1,8 @@
-"""Timers: CPU time.perf_counter (threads fixed by the caller) or CUDA events; adaptive repeats."""
+"""Timers: CPU time.perf_counter (threads fixed by the caller) or CUDA events; interleaved adaptive repeats."""
 
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 
 import numpy as np
@@ -42,21 +41,8 @@ def _zero(params):
         p.grad = None
 
 
-def time_step(step, params, clock: Clock, policy: dict, cap_s: float) -> tuple[dict, float, str]:
-    """Times forward (graph building included), backward, and forward+backward of one training step.
-
-    Returns ({mode: stats}, first_call_s, status). The first call (compilation, lazy init) is never
-    counted. status is "ok", or "over-time-cap" when one warm step exceeded cap_s (then the single
-    warm sample is recorded).
-    """
-    clock.sync()
-    t0 = time.perf_counter()
-    _zero(params)
-    step().backward()
-    clock.sync()
-    first = time.perf_counter() - t0
-    fwd, bwd, tot = [], [], []
-
+def step_sampler(step, params, clock: Clock):
+    """One timed training step: zero the grads, forward (graph building included), backward -> (fwd, bwd, total)."""
     def one():
         _zero(params)
         clock.sync()
@@ -66,31 +52,15 @@ def time_step(step, params, clock: Clock, policy: dict, cap_s: float) -> tuple[d
         loss.backward()
         c = clock.mark()
         clock.sync()
-        fwd.append(clock.elapsed(a, b))
-        bwd.append(clock.elapsed(b, c))
-        tot.append(clock.elapsed(a, c))
-
-    one()  # probe: a warmed-up step, kept as a sample
-    probe = tot[-1]
-    if probe > cap_s:
-        return {"fwd": stats(fwd), "bwd": stats(bwd), "fwd+bwd": stats(tot)}, first, "over-time-cap"
-    min_reps = policy["min_reps"] if probe < 1.0 else policy["slow_reps"]  # slow steps: few samples
-    deadline = time.perf_counter() + policy["target_s"]
-    gc.collect()
-    while len(tot) < policy["max_reps"] and (len(tot) < min_reps or time.perf_counter() < deadline):
-        one()
-    _zero(params)
-    return {"fwd": stats(fwd), "bwd": stats(bwd), "fwd+bwd": stats(tot)}, first, "ok"
+        return clock.elapsed(a, b), clock.elapsed(b, c), clock.elapsed(a, c)
+    return one
 
 
-def time_floor(ops, clock: Clock, policy: dict) -> dict:
-    """Times the bare GEMMs: fwd = X@W, bwd = G@W^T + X^T@G, fwd+bwd = all three."""
+def floor_sampler(ops, clock: Clock):
+    """The bare GEMMs: fwd = X@W, bwd = G@W^T + X^T@G."""
     f, b1, b2 = ops
-    for _ in range(2):
-        f(), b1(), b2()
-    fwd, bwd, tot = [], [], []
-    deadline = time.perf_counter() + policy["target_s"]
-    while len(tot) < policy["max_reps"] and (len(tot) < policy["min_reps"] or time.perf_counter() < deadline):
+
+    def one():
         clock.sync()
         m0 = clock.mark()
         r = f()
@@ -100,12 +70,56 @@ def time_floor(ops, clock: Clock, policy: dict) -> dict:
         m2 = clock.mark()
         clock.sync()
         del r, r2, r3
-        fwd.append(clock.elapsed(m0, m1))
-        bwd.append(clock.elapsed(m1, m2))
-        tot.append(clock.elapsed(m0, m2))
-        if tot[-1] > 5 * policy["target_s"]:
+        return clock.elapsed(m0, m1), clock.elapsed(m1, m2), clock.elapsed(m0, m2)
+    return one
+
+
+def time_interleaved(samplers: dict, policy: dict, cap_s: float) -> dict:
+    """Times several providers in one interleaved run: a first call each (compilation, lazy init: never counted),
+    one warm probe each, then rounds in which every provider still sampling runs once, in a rotated order, so
+    that a change of machine load hits all of them alike. A provider stops after min_reps samples (slow_reps when
+    its probe took >= 1 s) once the round-robin has run target_s per provider, or at max_reps. A provider whose
+    warm probe exceeds cap_s keeps its single sample (status "over-time-cap"). A provider that raises is recorded
+    with its error and dropped.
+
+    Returns {name: {"modes": {mode: stats}, "first_s": s, "status": str}}.
+    """
+    out, samples, active = {}, {}, []
+    for name, one in samplers.items():
+        try:
+            t0 = time.perf_counter()
+            one()
+            first = time.perf_counter() - t0
+            samples[name] = [one()]
+        except Exception as e:  # recorded, never dropped silently
+            out[name] = {"modes": None, "first_s": None, "status": f"error: {type(e).__name__}: {e}"[:200]}
+            continue
+        probe = samples[name][0][2]
+        status = "over-time-cap" if probe > cap_s else "ok"
+        out[name] = {"modes": None, "first_s": first, "status": status}
+        if status == "ok":
+            active.append((name, policy["min_reps"] if probe < 1.0 else policy["slow_reps"]))
+    gc.collect()
+    deadline = time.perf_counter() + policy["target_s"] * max(1, len(active))
+
+    def done(name, need):
+        n = len(samples[name])
+        slow = need < policy["min_reps"]
+        return n >= policy["max_reps"] or (n >= need and (slow or time.perf_counter() >= deadline))
+
+    rnd = 0
+    while True:
+        active = [(n, need) for n, need in active if not done(n, need)]
+        if not active:
             break
-    return {"fwd": stats(fwd), "bwd": stats(bwd), "fwd+bwd": stats(tot)}
+        k = rnd % len(active)
+        for name, _ in active[k:] + active[:k]:
+            samples[name].append(samplers[name]())
+        rnd += 1
+    for name, s in samples.items():
+        cols = list(zip(*s))
+        out[name]["modes"] = {"fwd": stats(cols[0]), "bwd": stats(cols[1]), "fwd+bwd": stats(cols[2])}
+    return out
 
 
-__all__ = ["Clock", "time_step", "time_floor", "stats", "statistics"]
+__all__ = ["Clock", "floor_sampler", "stats", "step_sampler", "time_interleaved"]

@@ -46,7 +46,7 @@ def column_dots(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _scale_needed(f: Tensor, sumsq: Tensor) -> bool:
+def needs_pow2_scale(f: Tensor, sumsq: Tensor) -> bool:
     """Whether the columns must be scaled before the Gram blocks: on CPU (eager), only if a column's sum of squares
     is not finite or so large that rw^2 would leave the normal range; elsewhere always (no host sync)."""
     if f.device.type != "cpu" or torch.compiler.is_compiling():
@@ -69,7 +69,7 @@ class _CenterRegularizer(torch.autograd.Function):
         f = fc if fc.dtype == acc else fc.to(acc)  # low-precision centers: one fp32 copy
         sumsq = column_dots(f, f, acc)
         s = None
-        if _scale_needed(f, sumsq):  # huge centers: exact power-of-two column scales, reg(f / s) = reg(f)
+        if needs_pow2_scale(f, sumsq):  # huge centers: exact power-of-two column scales, reg(f / s) = reg(f)
             s = pow2_scale(f, 0)
             f = f / s
             sumsq = column_dots(f, f, acc)

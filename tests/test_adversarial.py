@@ -5,9 +5,6 @@ values: loss and the gradient of every input leaf) -- tests named test_exact_* -
 ValueError / TypeError / NotImplementedError / RuntimeError whose message names the argument and what was expected
 -- tests named test_error_*. Uses that can break the interpreter (environment variables, threads) run in a
 subprocess. Shapes are tiny: the triton backend runs through Triton's interpreter on CPU.
-
-A case that exposes a bug in the torch backend's internals (softtriple_triton/cpu.py) is marked
-xfail(strict=True, reason="cpu.py: ...") and handed over; it turns into a failure once fixed, so the mark goes.
 """
 
 import copy
@@ -30,17 +27,9 @@ BACKENDS = [("reference", "cpu"), ("torch", "cpu"), ("triton", TRITON_DEVICE)]
 IDS = [b for b, _ in BACKENDS]
 
 
-def _cpu_bug(reason):
-    return pytest.mark.xfail(strict=True, reason="cpu.py: " + reason)
-
-
-def _backends(torch_bug=None):
-    """BACKENDS as parameters; the torch backend xfail-marked (strict) when it has a cpu.py bug here."""
-    return [pytest.param(b, d, id=b, marks=_cpu_bug(torch_bug) if (b == "torch" and torch_bug) else ())
-            for b, d in BACKENDS]
-
-
-_FUNC_BUG = "its autograd.Functions have no setup_context, so torch.func transforms fail"
+def _backends():
+    """BACKENDS as pytest parameters, each named by its backend."""
+    return [pytest.param(b, d, id=b) for b, d in BACKENDS]
 
 
 def _data(N=7, d=8, C=4, K=2, seed=0, dtype=torch.float32):
@@ -260,8 +249,7 @@ def test_exact_extreme_values(case, backend, device):
     _exact(backend, device, *_plain(*EXTREMES[case]()), tau=0.2)
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug="NaN gradients (finite loss) at la=1e4, gamma=0.025, "
-                                                     "K=1 with the constant softmax shift (issue 11 item 3)"))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_large_scale_at_the_shift_threshold(backend, device):
     x = torch.tensor([[1.0, 0.0]])  # opposite its class's center (-1, 0); the oracle's d embeddings: [0, 1e4]
     w = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
@@ -298,9 +286,7 @@ def test_exact_without_grad(mode, backend, device):
     assert _err(S, st.softtriple_logits(x.double().cpu(), w.detach().double().cpu(), 2, backend="reference")) <= 1e-6
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug="the chunk-buffer pool keeps tensors created under "
-                                                     "inference_mode and later training calls write into them "
-                                                     "(issue 11 item 1)"))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_training_after_an_inference_mode_call(backend, device):
     x, w, y = _data()
     with torch.inference_mode():
@@ -365,14 +351,12 @@ def test_exact_autograd_grad_of_one_input(backend, device):
     _grad_of_one_input(backend, device, "w", False, 1e-12)
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug="mm(out=...) in the backward fails with "
-                                                     "create_graph=True (issue 11 item 4)"))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_first_order_gradient_with_create_graph(backend, device):
     _grad_of_one_input(backend, device, "x", True, 1e-12)
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug="mm(out=...) in the backward fails with "
-                                                     "create_graph=True (issue 11 item 4)"))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_or_error_double_backward(backend, device):
     x, w, y = _data(dtype=torch.float64)
     t = torch.randn_like(x)
@@ -389,7 +373,7 @@ def test_exact_or_error_double_backward(backend, device):
         assert _err(hvp(backend, device), hvp("reference", "cpu")) <= 1e-10
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug=_FUNC_BUG))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_func_grad(backend, device):
     x, w, y = _data(dtype=torch.float64)
     f = lambda be, dev: (lambda a, b: st.softtriple_loss(a, b, y.to(dev), 2, tau=0.2, backend=be))  # noqa: E731
@@ -398,7 +382,7 @@ def test_exact_func_grad(backend, device):
     assert max(_err(a, b) for a, b in zip(got, want)) <= 1e-12
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug=_FUNC_BUG))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_func_vmap_per_sample_gradients(backend, device):
     x, w, _ = _data(dtype=torch.float64)
     xb, yb = torch.randn(3, 4, 8, dtype=torch.float64), torch.randint(0, 4, (3, 4))
@@ -408,7 +392,7 @@ def test_exact_func_vmap_per_sample_gradients(backend, device):
     assert _err(got, want) <= 1e-12
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug=_FUNC_BUG))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_func_jacrev_of_logits(backend, device):
     x, w, _ = _data(N=3, dtype=torch.float64)
     f = lambda be, wd: (lambda a: st.softtriple_logits(a, wd, 2, backend=be))  # noqa: E731
@@ -416,7 +400,7 @@ def test_exact_func_jacrev_of_logits(backend, device):
     assert _err(got, torch.func.jacrev(f("reference", w))(x)) <= 1e-12
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug=_FUNC_BUG))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_func_jvp_wrt_embeddings(backend, device):
     x, w, y = _data(dtype=torch.float64)
     t = torch.randn_like(x)
@@ -427,7 +411,7 @@ def test_exact_func_jvp_wrt_embeddings(backend, device):
     assert _err(got, want) <= 1e-12
 
 
-@pytest.mark.parametrize("backend,device", _backends(torch_bug="no jvp on its autograd.Function (forward mode)"))
+@pytest.mark.parametrize("backend,device", _backends())
 def test_exact_or_error_forward_ad_wrt_centers(backend, device):
     x, w, y = _data(dtype=torch.float64)
     t = torch.randn_like(w)
@@ -623,10 +607,8 @@ def test_error_module_input_mismatch_names_the_argument():
 
 
 @pytest.mark.parametrize("kw,exc,pattern", [
-    pytest.param(dict(chunk_bytes="64MiB"), TypeError, "chunk_bytes must be an int",
-                 marks=_cpu_bug("set_memory_budget(chunk_bytes='64MiB') raises a TypeError naming no argument "
-                                "(issue 11 item 9)")),
-    (dict(chunk_bytes=0), ValueError, "chunk_bytes must be > 0"),
+    (dict(chunk_bytes="64MiB"), TypeError, "chunk_bytes must be an int"),
+    (dict(chunk_bytes=0), ValueError, "chunk_bytes must be >= 1 bytes, got 0"),
     (dict(cache_bytes=-1), ValueError, "cache_bytes must be >= 0"),
 ], ids=["chunk_str", "chunk0", "cache-1"])
 def test_error_set_memory_budget(kw, exc, pattern):

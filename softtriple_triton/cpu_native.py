@@ -1,0 +1,517 @@
+"""Fused element-wise kernels of the torch backend on CPU: a small C library compiled at first use.
+
+The torch backend's matrix products are torch's (MKL/oneDNN); everything between them, the inner softmax over
+the K centers, the class logits, the online log-sum-exp and the gradient factor, is one pass per chunk here
+instead of ~30 torch operations (each a pass over an N x chunk buffer). The chunk is laid out transposed,
+sT [chunk columns, N] (a row per center, computed as w_chunk^T @ x^T by the same GEMM), so the K centers of a
+class are K contiguous vectors over the batch and every step of the per-class arithmetic is a vector operation.
+
+The library is plain C (no torch headers): one system C compiler call, under a second, at the first use in a
+process that finds no cached build (the build is cached on disk, keyed by the source, the flags, the compiler
+and the CPU). OpenMP parallel loops use the OpenMP runtime torch already loaded (same soname) and
+``torch.get_num_threads()`` threads. Each row / column is computed by exactly one thread in a fixed order, so
+results are bitwise reproducible and independent of the thread count.
+
+When no compiler is found, the build fails, or ``SOFTTRIPLE_TRITON_NATIVE=0`` is set, ``library()`` returns
+None (with one warning, except when disabled on purpose) and the torch backend runs its pure-torch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import torch
+
+ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
+ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
+
+_VERSION = 4  # of the C source: a cached build answering another number is rebuilt
+
+_COMMON = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 256   /* batch entries per inner vector loop (scratch K x TILE per thread) */
+#define CB 128     /* columns per block of the column-norm and centre-gradient kernels */
+
+/* exp(x) to ~1 ulp, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2/2, exp(r) by its
+   Taylor polynomial (degree 7 in fp32, 14 in fp64), 2^n applied as two factors so that the result underflows
+   gradually like libm's. The input is clamped where the result has rounded to 0 / overflowed to inf already.
+   NaN propagates; -inf gives 0, +inf gives inf. */
+static const double ST_INV_FACTORIAL[15] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+    1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+    1.0 / 87178291200.0};
+
+static inline float st_exp_f32(float x) {
+    float xc = x < -104.0f ? -104.0f : x;                   /* exp(-104) rounds to 0: gradual underflow below */
+    xc = xc > 89.0f ? 89.0f : xc;                           /* exp(89) overflows to inf; NaN passes both */
+    float kf = xc * 1.44269504088896341f + 12582912.0f;     /* 1.5 * 2^23: kf's low bits hold round(x / ln2) */
+    uint32_t kb;
+    memcpy(&kb, &kf, 4);
+    int32_t ni = (int32_t)(kb - 0x4B400000u);                /* the integer n, no float-to-int conversion */
+    float n = kf - 12582912.0f;
+    float r = xc - n * 0.693359375f;                        /* ln2 = 0.693359375 - 2.12194440e-4 */
+    r = r + n * 2.12194440e-4f;
+    float p = 1.0f / 5040.0f;                               /* sum_k r^k / k!, k <= 7, by Horner */
+    for (int k = 6; k >= 0; k--) p = p * r + (float)ST_INV_FACTORIAL[k];
+    int32_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-75, 64]: two normal powers of two */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    return p * s1 * s2;                                     /* NaN: r and p are NaN, whatever n holds */
+}
+
+static inline double st_exp_f64(double x) {
+    double xc = x < -746.0 ? -746.0 : x;
+    xc = xc > 710.0 ? 710.0 : xc;
+    double kf = xc * 1.4426950408889634 + 6755399441055744.0;   /* 1.5 * 2^52 */
+    uint64_t kb;
+    memcpy(&kb, &kf, 8);
+    int64_t ni = (int64_t)(kb - 0x4338000000000000ull);
+    double n = kf - 6755399441055744.0;
+    double r = xc - n * 6.93147180369123816490e-01;          /* ln2 split (hi has 32 trailing zero bits) */
+    r = r - n * 1.90821492927058770002e-10;
+    double p = ST_INV_FACTORIAL[14];                        /* k <= 14 */
+    for (int k = 13; k >= 0; k--) p = p * r + ST_INV_FACTORIAL[k];
+    int64_t n1 = ni >> 1, n2 = ni - n1;                     /* each in [-538, 512] */
+    uint64_t b1 = (uint64_t)(n1 + 1023) << 52, b2 = (uint64_t)(n2 + 1023) << 52;
+    double s1, s2;
+    memcpy(&s1, &b1, 8);
+    memcpy(&s2, &b2, 8);
+    return p * s1 * s2;
+}
+
+int st_version(void) { return ST_VERSION; }
+
+void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
+void st_exp_f64_array(int64_t n, const double* x, double* y) {
+    for (int64_t i = 0; i < n; i++) y[i] = st_exp_f64(x[i]);
+}
+"""
+
+# One body, instantiated for float (f32) and double (f64): `real` and `_SFX` are replaced.
+_BODY = r"""
+/* rw_j = 1 / max(||w_j||, 1e-12) for the columns of w [d, M] (row stride ldw); sums in double. Blocks of columns
+   whose row segments are 4 KiB, so that every row read is a contiguous run the hardware prefetches. */
+void st_inv_norms_SFX(int64_t d, int64_t M, const real* restrict w, int64_t ldw, real* restrict rw, int nt) {
+    enum { B = 4096 / sizeof(real) };
+    int64_t nb = (M + B - 1) / B;
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t j0 = b * B, nj = M - j0 < B ? M - j0 : B;
+        double acc[B];
+        for (int64_t j = 0; j < nj; j++) acc[j] = 0.0;
+        for (int64_t r = 0; r < d; r++) {
+            const real* restrict wr = w + r * ldw + j0;
+            for (int64_t j = 0; j < nj; j++) {
+                double v = (double)wr[j];
+                acc[j] += v * v;
+            }
+        }
+        for (int64_t j = 0; j < nj; j++) {
+            double nrm = sqrt(acc[j]);
+            rw[j0 + j] = (real)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
+        }
+    }
+}
+
+/* Through the column normalisation: V -= (w rw) coef (coef_j = rw_j (w_j . V_j), computed by st_backward), rows
+   in parallel, each a contiguous stream. w is normalised before the product: rw_j^2 alone under- or overflows
+   for columns of norm beyond ~1e19 (fp32). */
+void st_center_grad_SFX(int64_t d, int64_t M, real* restrict V, int64_t ldv, const real* restrict w, int64_t ldw,
+                        const real* restrict rw, const real* restrict coef, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && d * M > 65536)
+    for (int64_t r = 0; r < d; r++) {
+        const real* restrict wr = w + r * ldw;
+        real* restrict vr = V + r * ldv;
+        for (int64_t j = 0; j < M; j++) vr[j] -= (wr[j] * rw[j]) * coef[j];
+    }
+}
+
+/* The inner softmax of one class over batch entries i0 .. i0+ni, from its K rows of uT (row k at uc + k * N):
+   T[k] = t = u rw / gamma, E[k] = e = exp(t - shift) (shift 1/gamma when `bounded`: |s| <= 1, else the
+   per-entry max over k), DEN = 1 / sum_k e, SS = S = gamma sum_k e t / sum_k e. Scratch rows are TILE long. */
+static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* restrict uc, const real* restrict rwc,
+                                real gamma, int bounded, real* restrict T, real* restrict E, real* restrict MX,
+                                real* restrict DEN, real* restrict NUM, real* restrict SS) {
+    const real inv_gamma = (real)1 / gamma;
+    if (K == 1) {  /* p = 1, S = s: no exponential */
+        for (int64_t i = 0; i < ni; i++) {
+            T[i] = uc[i] * (rwc[0] * inv_gamma);
+            E[i] = 1;
+            DEN[i] = 1;
+            SS[i] = uc[i] * rwc[0];
+        }
+        return;
+    }
+    for (int64_t i = 0; i < ni; i++) { DEN[i] = 0; NUM[i] = 0; }
+    if (bounded) {
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict uk = uc + k * N;
+            real* restrict tk = T + k * TILE;
+            real* restrict ek = E + k * TILE;
+            const real f = rwc[k] * inv_gamma;
+            for (int64_t i = 0; i < ni; i++) {
+                real t = uk[i] * f;
+                real e = st_exp_SFX(t - inv_gamma);
+                tk[i] = t;
+                ek[i] = e;
+                DEN[i] += e;
+                NUM[i] += e * t;
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict uk = uc + k * N;
+            real* restrict tk = T + k * TILE;
+            const real f = rwc[k] * inv_gamma;
+            for (int64_t i = 0; i < ni; i++) tk[i] = uk[i] * f;
+            if (k == 0) {
+                for (int64_t i = 0; i < ni; i++) MX[i] = tk[i];
+            } else {
+                for (int64_t i = 0; i < ni; i++) MX[i] = tk[i] > MX[i] ? tk[i] : MX[i];
+            }
+        }
+        for (int64_t k = 0; k < K; k++) {
+            const real* restrict tk = T + k * TILE;
+            real* restrict ek = E + k * TILE;
+            for (int64_t i = 0; i < ni; i++) {
+                real e = st_exp_SFX(tk[i] - MX[i]);
+                ek[i] = e;
+                DEN[i] += e;
+                NUM[i] += e * tk[i];
+            }
+        }
+    }
+    for (int64_t i = 0; i < ni; i++) {
+        SS[i] = gamma * (NUM[i] / DEN[i]);
+        DEN[i] = (real)1 / DEN[i];
+    }
+}
+
+/* Scratch of one thread for st_class: T, E (K x TILE each) and four TILE rows. */
+static real* st_scratch_SFX(int64_t K) { return (real*)malloc(sizeof(real) * (size_t)(2 * K * TILE + 4 * TILE)); }
+
+/* Forward of one chunk of m classes: uT [m*K, N] = u^T (u = x @ w_chunk, raw centers; read only), rw its inverse
+   column norms. Writes (each optional, NULL = skip):
+     z [m, N]            la S - la margin [class == label]      (the class logits)
+     S_out [N, ldS]      S (at S_out[i * ldS + c])              (the logits mode)
+   and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit. */
+void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, const real* restrict rw, real gamma,
+                    int bounded, real la, real margin, const int64_t* restrict labels, int64_t c0,
+                    real* restrict z, real* restrict S_out, int64_t ldS,
+                    real* restrict m_run, real* restrict l_run, real* restrict zt, int nt) {
+    const real lam = la * margin;
+    #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
+    {
+        real* T = st_scratch_SFX(K);
+        real *E = T + K * TILE, *MX = E + K * TILE, *DEN = MX + TILE, *NUM = DEN + TILE, *SS = NUM + TILE;
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m; c++) {
+            const int64_t cg = c0 + c;
+            for (int64_t i0 = 0; i0 < N; i0 += TILE) {
+                const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
+                st_class_SFX(N, K, ni, uT + c * K * N + i0, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
+                if (z) {
+                    real* restrict zc = z + c * N + i0;
+                    const int64_t* restrict lab = labels + i0;
+                    for (int64_t i = 0; i < ni; i++) zc[i] = la * SS[i] - (lab[i] == cg ? lam : (real)0);
+                }
+                if (S_out) {
+                    for (int64_t i = 0; i < ni; i++) S_out[(i0 + i) * ldS + c] = SS[i];
+                }
+            }
+        }
+        free(T);
+        if (m_run) {
+            /* rows of the batch in blocks of 64 (so that both threads share a batch of 128): new max, rescaled
+               sum of exp, target logit */
+            enum { RB = 64 };
+            const int64_t nbk = (N + RB - 1) / RB;
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < nbk; b++) {
+                const int64_t i0 = b * RB, ni = N - i0 < RB ? N - i0 : RB;
+                real mx[RB], acc[RB];
+                for (int64_t i = 0; i < ni; i++) mx[i] = m_run[i0 + i];
+                for (int64_t c = 0; c < m; c++) {
+                    const real* restrict zc = z + c * N + i0;
+                    for (int64_t i = 0; i < ni; i++) mx[i] = zc[i] > mx[i] ? zc[i] : mx[i];
+                }
+                for (int64_t i = 0; i < ni; i++) acc[i] = l_run[i0 + i] * st_exp_SFX(m_run[i0 + i] - mx[i]);
+                for (int64_t c = 0; c < m; c++) {
+                    const real* restrict zc = z + c * N + i0;
+                    for (int64_t i = 0; i < ni; i++) acc[i] += st_exp_SFX(zc[i] - mx[i]);
+                }
+                for (int64_t i = 0; i < ni; i++) {
+                    m_run[i0 + i] = mx[i];
+                    l_run[i0 + i] = acc[i];
+                    const int64_t rel = labels[i0 + i] - c0;
+                    if (rel >= 0 && rel < m) zt[i0 + i] += z[rel * N + i0 + i];
+                }
+            }
+        }
+    }
+}
+
+/* Backward of one chunk, in place of uT [m*K, N]: dL/du = a G with the factor a = dS/du = rw (e / den)
+   (1 + t - S / gamma) recomputed from u, and G = g la (exp(z - lse) - [class == label]) (loss mode, z [m, N])
+   or G = dS[i * ldS + c] (logits mode). Also coef_j = rw_j sum_i dL/du_ij u_ij = rw_j (w_j . V_j), the
+   centre-gradient coefficients of the chunk's columns (V = x^T dL/du). */
+void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const real* restrict rw, real gamma,
+                     int bounded, const real* restrict z, const real* restrict lse, const real* restrict g, real la,
+                     const int64_t* restrict labels, int64_t c0, const real* restrict dS, int64_t ldS,
+                     real* restrict coef, int nt) {
+    enum { L = 16 };  /* partial sums of the dot products: a fixed order, vectorisable */
+    const real inv_gamma = (real)1 / gamma;
+    #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
+    {
+        real* T = st_scratch_SFX(K);
+        real *E = T + K * TILE, *MX = E + K * TILE, *DEN = MX + TILE, *NUM = DEN + TILE, *SS = NUM + TILE;
+        real G[TILE], part[L];
+        double* dot = (double*)malloc(sizeof(double) * (size_t)K);
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < m; c++) {
+            const int64_t cg = c0 + c;
+            for (int64_t k = 0; k < K; k++) dot[k] = 0.0;
+            for (int64_t i0 = 0; i0 < N; i0 += TILE) {
+                const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
+                real* uc = uT + c * K * N + i0;
+                st_class_SFX(N, K, ni, uc, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
+                if (z) {
+                    const real* restrict zc = z + c * N + i0;
+                    const int64_t* restrict lab = labels + i0;
+                    for (int64_t i = 0; i < ni; i++)
+                        G[i] = (la * g[i0 + i])
+                               * (st_exp_SFX(zc[i] - lse[i0 + i]) - (lab[i] == cg ? (real)1 : (real)0));
+                } else {
+                    for (int64_t i = 0; i < ni; i++) G[i] = dS[(i0 + i) * ldS + c];
+                }
+                /* per entry 1 - S / gamma; per centre p = e / den first (<= 1: nothing overflows when den is
+                   tiny), the factor p (t + 1 - S / gamma) rw, dL/du = factor G, and the dots */
+                for (int64_t i = 0; i < ni; i++) NUM[i] = (real)1 - SS[i] * inv_gamma;
+                if (K == 1) {  /* the factor is rw exactly */
+                    for (int64_t i = 0; i < ni; i++) { T[i] = 0; NUM[i] = 1; }
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    real* restrict uk = uc + k * N;
+                    const real* restrict tk = T + k * TILE;
+                    const real* restrict ek = E + k * TILE;
+                    const real r = rw[c * K + k];
+                    for (int l = 0; l < L; l++) part[l] = 0;
+                    int64_t i = 0;
+                    for (; i + L <= ni; i += L) {
+                        for (int l = 0; l < L; l++) {
+                            real d = (r * G[i + l]) * ((ek[i + l] * DEN[i + l]) * (tk[i + l] + NUM[i + l]));
+                            part[l] += d * uk[i + l];
+                            uk[i + l] = d;
+                        }
+                    }
+                    for (; i < ni; i++) {
+                        real d = (r * G[i]) * ((ek[i] * DEN[i]) * (tk[i] + NUM[i]));
+                        part[0] += d * uk[i];
+                        uk[i] = d;
+                    }
+                    /* at most TILE / L terms per partial sum in `real`, the partials and tiles summed in double */
+                    double sum = 0.0;
+                    for (int l = 0; l < L; l++) sum += (double)part[l];
+                    dot[k] += sum;
+                }
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const double r = (double)rw[c * K + k];
+                coef[c * K + k] = (real)(r * dot[k]);
+            }
+        }
+        free(dot);
+        free(T);
+    }
+}
+"""
+
+# -fno-trapping-math lets the compiler turn the selects of exp (clamps, NaN test) into vector blends on AVX2 (without
+# it those loops stay scalar there; AVX-512 masks them either way); -ffp-contract=fast gives fused multiply-adds.
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
+          "-mprefer-vector-width=512"]
+_OPTIONAL = (["-march=native"], ["-fopenmp"])  # dropped one by one when the compiler refuses them
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "why": None, "build_s": None}
+
+
+def source() -> str:
+    return _COMMON.replace("ST_VERSION", str(_VERSION)) + "".join(_BODY.replace("real", t).replace("_SFX", "_" + sfx)
+                             for sfx, t in (("f32", "float"), ("f64", "double")))
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> str:
+    d = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "softtriple_triton")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"softtriple_triton-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    if sys.platform == "win32":
+        return None, "native CPU kernels are built only on Linux/macOS"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install cc/gcc/clang)"
+    src = source()
+    folder = _cache_dir()
+    last_err = ""
+    for drop in (0, 1, 2):  # all flags; without -march=native; without OpenMP as well
+        flags = _FLAGS + [f for i, opt in enumerate(_OPTIONAL) if i >= drop for f in opt]
+        key = hashlib.sha256("\n".join([src, " ".join(flags), cc, platform.machine(), _cpu_id()]).encode())
+        so = os.path.join(folder, f"cpu_kernels_{key.hexdigest()[:20]}.so")
+        if not os.path.exists(so):
+            c_path = so[:-3] + f".{os.getpid()}.c"
+            tmp = so + f".{os.getpid()}.tmp"
+            with open(c_path, "w") as f:
+                f.write(src)
+            try:
+                r = subprocess.run([cc, *flags, c_path, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError) as e:
+                r = None
+                last_err = f"{type(e).__name__}: {e}"
+            finally:
+                os.remove(c_path)
+            if r is None or r.returncode != 0:
+                if r is not None:
+                    last_err = (r.stderr or r.stdout).strip()[-500:]
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                continue
+            os.replace(tmp, so)  # atomic: concurrent processes never load a half-written library
+        try:
+            lib = ctypes.CDLL(so)
+            _declare(lib)
+            if lib.st_version() != _VERSION:
+                raise OSError("version mismatch")
+            return lib, None
+        except (OSError, AttributeError) as e:
+            last_err = f"{type(e).__name__}: {e}"
+    return None, f"the C compiler {cc} failed: {last_err}"
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        getattr(lib, f"st_inv_norms_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, cint]
+        getattr(lib, f"st_center_grad_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, cint]
+        getattr(lib, f"st_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, real, real, ptr, i64,
+                                                      ptr, ptr, i64, ptr, ptr, ptr, cint]
+        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, real, ptr,
+                                                       i64, ptr, i64, ptr, cint]
+        getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
+        for name in ("inv_norms", "center_grad", "forward", "backward"):
+            getattr(lib, f"st_{name}_{sfx}").restype = None
+    lib.st_version.restype = cint
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first call; None when unavailable (see the module docstring)."""
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["tried"]:
+            if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+                _state["why"] = f"disabled by {ENV_SWITCH}"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    _state["lib"], _state["why"] = _build()
+                except Exception as e:  # never let the optional fast path break the loss
+                    _state["lib"], _state["why"] = None, f"{type(e).__name__}: {e}"
+                _state["build_s"] = time.perf_counter() - t0
+                if _state["lib"] is None:
+                    warnings.warn(f"softtriple_triton: the fused CPU kernels are unavailable ({_state['why']}); "
+                                  f"backend='torch' uses its slower pure-torch path", RuntimeWarning, stacklevel=3)
+            _state["tried"] = True
+    return _state["lib"]
+
+
+def status() -> dict:
+    """Whether the native kernels are in use, why not, and how long building/loading them took (s)."""
+    library()
+    return {"available": _state["lib"] is not None, "reason": _state["why"], "build_s": _state["build_s"]}
+
+
+# ----------------------------------------------------------------------------------------- thin wrappers
+def _call(lib, name: str, t: torch.Tensor, *args) -> None:
+    """lib.st_<name>_<f32|f64>(*args, threads), under a profiler label while torch.profiler records."""
+    fn = getattr(lib, f"st_{name}_{'f64' if t.dtype == torch.float64 else 'f32'}")
+    if torch._C._autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function(f"softtriple::{name}"):
+            fn(*args, torch.get_num_threads())
+    else:
+        fn(*args, torch.get_num_threads())
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
+    """1 / max(||w_j||, 1e-12) per column of w [d, M] (w.stride(1) == 1)."""
+    rw = torch.empty(w.shape[1], dtype=w.dtype)
+    _call(lib, "inv_norms", w, w.shape[0], w.shape[1], w.data_ptr(), w.stride(0), rw.data_ptr())
+    return rw
+
+
+def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """In place: V_j -= (w_j rw_j) coef_j (rw the inverse column norms, coef from backward_chunk)."""
+    _call(lib, "center_grad", w, w.shape[0], w.shape[1], V.data_ptr(), V.stride(0), w.data_ptr(), w.stride(0),
+          rw.data_ptr(), coef.data_ptr())
+    return V
+
+
+def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=0.0, labels=None, z=None,
+                  S_out=None, m_run=None, l_run=None, zt=None) -> None:
+    """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes."""
+    _call(lib, "forward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
+          _p(labels), c0, _p(z), _p(S_out), 0 if S_out is None else S_out.stride(0), _p(m_run), _p(l_run), _p(zt))
+
+
+def backward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, coef_chunk, c0=0, z=None, lse=None, g=None, la=0.0,
+                   labels=None, dS=None) -> None:
+    """In place uT -> dL/du, and the centre-gradient coefficients of the chunk's columns into coef_chunk."""
+    _call(lib, "backward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), _p(z),
+          _p(lse), _p(g), la, _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef_chunk.data_ptr())

@@ -1,0 +1,307 @@
+"""The torch backend on CPU: its fused C kernels and its pure-torch fallback both give the oracle's numbers, in
+every autograd mode (inference, double backward, torch.func), at extreme scale, and fail clearly on bad budgets."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import softtriple_triton as st
+from conftest import TOL, loss_and_grads, make_inputs, rel_err
+from softtriple_triton import cpu, cpu_native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def impl(request, monkeypatch):
+    """Both per-chunk implementations: the C kernels and the torch-operation fallback."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    else:
+        assert cpu_native.library() is not None, cpu_native.status()
+    return request.param
+
+
+@pytest.fixture
+def budget():
+    old = st.set_memory_budget()
+    yield st.set_memory_budget
+    st.set_memory_budget(**old)
+
+
+def _loss(be, y, K, **kw):
+    kw = dict(dict(la=20.0, gamma=0.1, tau=0.0, margin=0.05), **kw)
+    return lambda a, b: st.softtriple_loss(a, b, y, K, backend=be, **kw)
+
+
+def _logits(be, K, gamma=0.1):
+    return lambda a, b: st.softtriple_logits(a, b, K, gamma=gamma, backend=be)
+
+
+# ----------------------------------------------------------------------------------------- the native kernels
+def test_native_kernels_are_built_here():
+    """This machine has a C compiler, so the fast path must be on (a silent fallback would hide a slowdown)."""
+    if cpu_native._compiler() is None:
+        pytest.fail("no C compiler on this machine: the fused CPU kernels cannot be tested")
+    s = cpu_native.status()
+    assert s["available"], s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_exp_within_one_ulp(dtype):
+    lib = cpu_native.library()
+    lo, hi = (-110.0, 89.0) if dtype == torch.float32 else (-750.0, 710.0)
+    x = torch.cat([torch.linspace(lo, hi, 400_001, dtype=torch.float64).to(dtype),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("nan"), float("inf"), -float("inf")], dtype=dtype)])
+    y = torch.empty_like(x)
+    getattr(lib, "st_exp_%s_array" % ("f32" if dtype == torch.float32 else "f64"))(x.numel(), x.data_ptr(),
+                                                                                   y.data_ptr())
+    ref = torch.exp(x.double())
+    fi = torch.finfo(dtype)
+    normal = (ref >= fi.tiny) & (ref <= fi.max)
+    assert (((y.double() - ref).abs() / ref)[normal].max() <= fi.eps).item()          # <= 1 ulp (2 half-ulps)
+    sub = ref < fi.tiny                                                              # gradual underflow
+    assert (((y.double() - ref).abs())[sub].max() <= fi.tiny * fi.eps).item()
+    assert bool((y[ref > fi.max] == float("inf")).all())
+    assert torch.isnan(y[-3]) and y[-2] == float("inf") and y[-1] == 0.0
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-class-chunks", "few-class-chunks", "one-chunk"])
+@pytest.mark.parametrize("cache_bytes", [0, 200_000, 1 << 30], ids=["recompute", "cache-u-only", "cache"])
+def test_both_implementations_match_oracle(impl, budget, chunk_bytes, cache_bytes):
+    """N=300 d=11 C=17 K=3 fp64: 200 kB holds u and z (native: the backward redoes only the element-wise pass),
+    not u, a and z."""
+    budget(chunk_bytes=chunk_bytes, cache_bytes=cache_bytes)
+    x, w, y = make_inputs(300, 11, 17, 3, seed=9)  # N > 256: several batch tiles in the C kernels
+    g = torch.rand(300, dtype=torch.float64)
+    for kw in (dict(gamma=0.05), dict(gamma=0.01, normalize_embeddings=False), dict(gamma=0.003)):
+        want = loss_and_grads(_loss("reference", y, 3, reduction="none", **kw), x, w, g)
+        got = loss_and_grads(_loss("torch", y, 3, reduction="none", **kw), x, w, g)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-12, kw
+    dS = torch.randn(300, 17, dtype=torch.float64)
+    fn = lambda be: (lambda a, b: _logits(be, 3)(a, b) * dS)  # noqa: E731
+    for a, b in zip(loss_and_grads(fn("torch"), x, w), loss_and_grads(fn("reference"), x, w)):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_fp32_and_strided_inputs_match_oracle(impl):
+    """fp32 arithmetic (vs the fp64 formula on the same rounded inputs), centers given as a transposed view,
+    embeddings as a strided view, bf16 embeddings with fp32 centers."""
+    x, w, y = make_inputs(40, 16, 12, 4, dtype=torch.float32, seed=2)
+    wt = w.t().contiguous().t()           # [d, M] with column stride d: not unit-stride rows
+    xs = torch.cat([x, x], dim=1)[:, ::2]  # strided rows
+    for xi, wi in ((x, w), (xs, wt), (x.bfloat16(), w)):
+        want = loss_and_grads(_loss("reference", y, 4), xi.double(), wi.double())
+        got = loss_and_grads(_loss("torch", y, 4), xi, wi)
+        tol_loss, tol_grad = TOL[xi.dtype]  # the gradient of bf16 embeddings is returned in bf16
+        assert rel_err(got[0], want[0]) <= tol_loss
+        assert rel_err(got[1], want[1]) <= tol_grad and rel_err(got[2], want[2]) <= TOL[torch.float32][1]
+
+
+def test_native_is_bitwise_reproducible_and_thread_independent():
+    x, w, y = make_inputs(64, 32, 40, 5, dtype=torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (threads, threads, 1):
+            torch.set_num_threads(t)
+            runs.append(loss_and_grads(_loss("torch", y, 5), x, w))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_fallback_when_the_compiler_fails(tmp_path):
+    """A broken compiler: one warning, then the pure-torch path with the oracle's numbers."""
+    code = (
+        "import warnings, torch, softtriple_triton as st\n"
+        "from softtriple_triton import cpu_native\n"
+        "x = torch.randn(9, 5, dtype=torch.float64); w = torch.randn(5, 12, dtype=torch.float64)\n"
+        "y = torch.randint(0, 4, (9,))\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = st.softtriple_loss(x, w, y, 3, backend='torch'); st.softtriple_loss(x, w, y, 3, backend='torch')\n"
+        "b = st.softtriple_loss(x, w, y, 3, backend='reference')\n"
+        "msgs = [str(r.message) for r in rec if 'fused CPU kernels' in str(r.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'failed' in msgs[0] and not cpu_native.status()['available']\n"
+        "assert abs(a.item() - b.item()) <= 1e-12 * abs(b.item()), (a, b)\n"
+    )
+    env = dict(os.environ, CC="false", SOFTTRIPLE_TRITON_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------------------- issue 11, item 1
+def test_inference_mode_call_does_not_break_later_training(impl, budget):
+    """A loss and a get_logits under torch.inference_mode() must not leave inference tensors in the buffer pool."""
+    budget(chunk_bytes=2000)  # several chunks: the pool is used
+    x, w, y = make_inputs(20, 8, 9, 3, seed=3)
+    with torch.inference_mode():
+        st.softtriple_loss(x, w, y, 3, backend="torch")
+        st.softtriple_logits(x, w, 3, backend="torch")
+    for _ in range(2):
+        want = loss_and_grads(_loss("reference", y, 3), x, w)
+        got = loss_and_grads(_loss("torch", y, 3), x, w)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= 1e-12
+    assert not any(b.is_inference() for b in cpu._pool)
+
+
+# ----------------------------------------------------------------------------------------- issue 11, item 3
+@pytest.mark.parametrize("la", [1e4, 1e6])
+def test_extreme_scale_at_the_constant_shift_temperature(impl, la):
+    """fp32, gamma = 2/80 (the smallest temperature with the constant shift), K=1, an embedding opposite its
+    class center: exp(t - 1/gamma) ~ 1e-35, and la / that overflowed to NaN gradients before."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])   # d=2, C=2, K=1
+    x = torch.tensor([[-1.0, 0.0]])
+    y = torch.tensor([0])
+    kw = dict(la=la, gamma=0.025, tau=0.0, margin=0.01)
+    want = loss_and_grads(_loss("reference", y, 1, **kw), x.double(), w.double())
+    got = loss_and_grads(_loss("torch", y, 1, **kw), x, w)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------- issue 11, item 4
+def test_double_backward_matches_oracle(impl):
+    x, w, y = make_inputs(10, 6, 5, 3, seed=1)
+
+    def second(be):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = _loss(be, y, 3)(a, b)
+        ga, gb = torch.autograd.grad(loss, (a, b), create_graph=True)
+        return torch.autograd.grad(ga.square().sum() + (gb * b).sum(), (a, b))
+
+    for a, b in zip(second("torch"), second("reference")):
+        assert rel_err(a, b) <= 1e-12
+    # logits, only the centers requiring grad
+    def second_logits(be):
+        b = w.clone().requires_grad_()
+        (gb,) = torch.autograd.grad(_logits(be, 3)(x, b).square().sum(), b, create_graph=True)
+        return torch.autograd.grad(gb.square().sum(), b)[0]
+
+    assert rel_err(second_logits("torch"), second_logits("reference")) <= 1e-12
+
+
+# ----------------------------------------------------------------------------------------- issue 11, item 9
+@pytest.mark.parametrize("kw", [dict(chunk_bytes="64MiB"), dict(cache_bytes=1.5), dict(chunk_bytes=True),
+                                dict(cache_bytes=[1])])
+def test_budget_rejects_non_integers_by_name(kw):
+    (name, value), = kw.items()
+    old = dict(cpu._config)
+    with pytest.raises(TypeError, match=f"{name} must be an int"):
+        st.set_memory_budget(**kw)
+    assert cpu._config == old  # nothing half-applied
+
+
+def test_budget_range_and_partial_update(budget):
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1"):
+        st.set_memory_budget(chunk_bytes=0)
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        st.set_memory_budget(cache_bytes=-1)
+    old = st.set_memory_budget(cache_bytes=123)
+    assert st.set_memory_budget() == dict(old, cache_bytes=123)
+
+
+# ----------------------------------------------------------------------------------------- issue 11, item 2
+TRANSFORMS = {
+    "grad": lambda f, x, w: torch.func.grad(f, argnums=(0, 1))(x, w),
+    "vjp": lambda f, x, w: torch.func.vjp(f, x, w)[1](torch.ones(())),
+    "vmap-embeddings": lambda f, x, w: torch.func.vmap(lambda e: f(e, w))(torch.stack([x, x.flip(0), 2 * x])),
+    "vmap-centers": lambda f, x, w: torch.func.vmap(lambda c: f(x, c), in_dims=1)(torch.stack([w, w.flip(1)], 1)),
+    "vmap(grad)": lambda f, x, w: torch.func.vmap(torch.func.grad(lambda e: f(e, w)))(torch.stack([x, 3 * x])),
+    "jacrev": lambda f, x, w: torch.func.jacrev(f, argnums=(0, 1))(x, w),
+    "jacfwd": lambda f, x, w: torch.func.jacfwd(f, argnums=(0, 1))(x, w),
+    "hessian": lambda f, x, w: torch.func.hessian(lambda e: f(e, w))(x),
+    "jvp": lambda f, x, w: torch.func.jvp(f, (x, w), (torch.ones_like(x), torch.linspace(-1, 1, w.numel(),
+                                                                                          dtype=w.dtype).view_as(w))),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_torch_func_transforms_match_oracle(impl, name):
+    x, w, y = make_inputs(7, 4, 3, 2, seed=8)
+    got = TRANSFORMS[name](_loss("torch", y, 2), x, w)
+    want = TRANSFORMS[name](_loss("reference", y, 2), x, w)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert rel_err(a, b) <= 1e-12, name
+
+
+@pytest.mark.parametrize("name", ["grad", "vmap-embeddings", "jacrev", "jvp"])
+def test_torch_func_transforms_of_logits_match_oracle(impl, name):
+    x, w, _ = make_inputs(6, 4, 3, 3, seed=4)
+    f = lambda be: (lambda a, b: _logits(be, 3)(a, b).sin().sum())  # noqa: E731
+    got = TRANSFORMS[name](f("torch"), x, w)
+    want = TRANSFORMS[name](f("reference"), x, w)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert rel_err(a, b) <= 1e-12, name
+
+
+def test_vmap_over_labels_matches_oracle(impl):
+    """Per-sample gradients with the labels batched too (one_hot reads the labels' range: no .item() under vmap)."""
+    _, w, _ = make_inputs(4, 6, 3, 2, seed=3)
+    xb = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    yb = torch.tensor([[0, 2, 1, 1], [2, 2, 0, 1], [1, 0, 0, 2]])
+    f = lambda be: (lambda a, lab: st.softtriple_loss(a, w, lab, 2, backend=be))  # noqa: E731
+    got = torch.func.vmap(torch.func.grad(f("torch")))(xb, yb)
+    assert rel_err(got, torch.func.vmap(torch.func.grad(f("reference")))(xb, yb)) <= 1e-12
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_extreme_center_norms_match_oracle(impl, scale):
+    """Center columns of norm ~1e30 / ~1e-30 in fp32: their squared norms and rw^2 leave fp32's range."""
+    x, w, y = make_inputs(8, 8, 4, 2, seed=25)
+    w[:, 3] *= scale
+    got = loss_and_grads(_loss("torch", y, 2, reduction="none"), x.float(), w.float())
+    want = loss_and_grads(_loss("reference", y, 2, reduction="none"), x.float().double(), w.float().double())
+    rtol, gtol = TOL[torch.float32]
+    assert rel_err(got[0], want[0]) <= 2 * rtol
+    for dim, g, h in ((1, got[1], want[1]), (0, got[2], want[2])):  # per row / column: the column's scale differs
+        scale_h = h.abs().amax(dim=dim, keepdim=True).clamp_min(1e-300)
+        assert ((g.double() - h) / scale_h).abs().max() <= 2 * gtol
+
+
+def test_forward_ad_matches_oracle(impl):
+    x, w, y = make_inputs(9, 5, 4, 3, seed=6)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+
+    def tangent(f):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(f(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw))).tangent
+
+    for f in (lambda be: _loss(be, y, 3, reduction="none"), lambda be: _logits(be, 3)):
+        got, want = tangent(f("torch")), tangent(f("reference"))
+        assert got is not None and rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "checkpoint-reentrant", "anomaly", "retain-graph-twice"])
+def test_autograd_modes_match_oracle(impl, mode):
+    from torch.utils.checkpoint import checkpoint
+
+    x, w, y = make_inputs(12, 8, 5, 3, seed=3)
+
+    def grads(be):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        f = _loss(be, y, 3)
+        if mode.startswith("checkpoint"):
+            checkpoint(f, a, b, use_reentrant=mode.endswith("reentrant")).backward()
+        elif mode == "anomaly":
+            with torch.autograd.detect_anomaly():
+                f(a, b).backward()
+        else:
+            loss = f(a, b)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        return a.grad, b.grad
+
+    for a, b in zip(grads("torch"), grads("reference")):
+        assert rel_err(a, b) <= 1e-12
