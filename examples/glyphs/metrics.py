@@ -124,8 +124,11 @@ def all_metrics(emb: torch.Tensor, labels, seed: int = 0, with_nmi: bool = True,
     # largest class first: its k (max class size - 1) is the largest, the others reuse its neighbours
     for p, lab in sorted(sets.items(), key=lambda t: -int(torch.bincount(t[1] - t[1].min()).max())):
         km = (FaissKMeans(niter=20, seed=1234 + seed) if HAVE_FAISS else _SklearnKMeans(seed)) if with_nmi else None
-        calc = GlyphAccuracyCalculator(include=include, k="max_bin_count", device=torch.device("cpu"),
-                                       knn_func=knn, kmeans_func=km)
+        # k = largest class size - 1 (what MAP@R needs), at least max(KS) for R@8, at most N - 1
+        need = int(torch.bincount(lab - lab.min()).max()) - 1
+        k = "max_bin_count" if need >= max(KS) or need >= len(lab) - 1 else min(max(KS), len(lab) - 1)
+        calc = GlyphAccuracyCalculator(include=include, k=k, device=torch.device("cpu"), knn_func=knn,
+                                       kmeans_func=km)
         acc = calc.get_accuracy(x, lab)
         out.update({p + _NAMES[k]: float(acc[k]) for k in include})
     return out

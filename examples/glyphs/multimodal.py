@@ -1,8 +1,8 @@
 """The multi-modal experiment: does SoftTriple with K > 1 centers beat K = 1 when every class is known to
 consist of m separate clusters, and does the regulariser (tau > 0) leave about m distinct centers?
 
-    python multimodal.py --preset mm-quick --workers 2   # K in {1, 8}, m in {1, 4}, 3 seeds (~15 min)
-    python multimodal.py --preset mm --workers 2         # the committed grid (see README for the time)
+    python multimodal.py --preset mm-quick --workers 2   # K in {1, 8}, m in {1, 4}, 3 seeds (13 min here)
+    python multimodal.py --preset mm --workers 2         # the committed grid (2 h 26 min here)
 
 Protocol ("discriminative setting", see README.md for the reasons): kanji set (1,000 characters, 62
 fonts), the first 500 characters are the training identities, the last 500 the test identities;
@@ -116,7 +116,8 @@ def do_run(name, cfg, data):
     r["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _save(name, r)
     log(f"[done] {name} in {time.time() - t0:.0f}s: "
-        + (json.dumps({k: round(v, 4) for k, v in r.get('final', {}).items()}) if "final" in r else ""))
+        + json.dumps({k: round(v, 4) for k, v in (r.get("final") or {}).items()})
+        + (f" diverged at step {r['diverged_step']}" if r.get("diverged_step") else ""))
 
 
 def worker(P):
@@ -279,12 +280,20 @@ def write_tables(df, sm, P, preset, meta):
               "Shadow: ours with PML evaluated on the identical embeddings and centers every 10 steps (gradients: "
               "max-abs difference / max-abs value).", "",
               "| tau | seed | steps | loss diff step 1 | max loss diff: PML | : 1-ulp | max metric diff: PML | : 1-ulp | "
-              "shadow loss diff | shadow grad emb | shadow grad centers | MAP@R ours / PML |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "shadow loss diff | shadow grad emb | shadow grad centers | PML non-finite | MAP@R ours / PML |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def e(v):
+            return "—" if v is None else f"{v:.1e}"
+
         for r in pm:
+            div = (f"trained: NaN loss at step {r['pml_diverged_step']}; " if r["pml_diverged_step"] else "") + \
+                f"shadow: {r['shadow_nonfinite']} of {r['shadow_points']} gradients" + \
+                (f" (first at step {r['shadow_first_nonfinite_step']})" if r["shadow_nonfinite"] else "")
+            mp = "—" if r["map_pml"] is None else f"{r['map_pml']:.4f}"
             L.append(f"| {r['tau']:g} | {r['seed']} | {r['steps']} | {r['loss_diff_step1']:.1e} | {r['pml_loss']:.1e} | "
-                     f"{r['ulp_loss']:.1e} | {r['pml_metric']:.1e} | {r['ulp_metric']:.1e} | {r['shadow_loss']:.1e} | "
-                     f"{r['shadow_ge']:.1e} | {r['shadow_gw']:.1e} | {r['map_ours']:.4f} / {r['map_pml']:.4f} |")
+                     f"{r['ulp_loss']:.1e} | {e(r['pml_metric'])} | {e(r['ulp_metric'])} | {r['shadow_loss']:.1e} | "
+                     f"{r['shadow_ge']:.1e} | {r['shadow_gw']:.1e} | {div} | {r['map_ours']:.4f} / {mp} |")
         L.append("")
     L += ["## Time", "", f"Runs: {len(df)} grid runs, mean wall per run {df.wall_s.mean():.0f} s "
           f"(step {df.step_s.mean():.3f} s, final evaluation {df.eval_s.mean():.0f} s); sum of run walls "
@@ -295,6 +304,8 @@ def write_tables(df, sm, P, preset, meta):
 
 
 def pml_rows(P):
+    """Ours vs PML: the separately trained pair (up to PML's divergence, if any), the 1-ulp control and
+    the shadow evaluation along ours' trajectory (non-finite PML gradients counted, not maximised)."""
     q, out = P["pml"], []
     for s in q["seeds"]:
         for tau in q["taus"]:
@@ -303,16 +314,28 @@ def pml_rows(P):
             if not all((o, p, u, sh)):
                 continue
             lo, lp, lu = (np.array(r["history"]["loss"]) for r in (o, p, u))
+            n = min(len(lp), len(lo))
+            fin = np.isfinite(lp[:n])
             h = sh["history"]
+            ge, gw = np.array(h["shadow_grad_emb_reldiff"]), np.array(h["shadow_grad_fc_reldiff"])
+            bad = ~(np.isfinite(ge) & np.isfinite(gw))
+
+            def mdiff(a, b):
+                return max(abs(a["final"][k] - b["final"][k]) for k in a["final"]) if a["final"] and b["final"] else None
+
             out.append(dict(tau=tau, seed=s, steps=P["steps"], loss_diff_step1=abs(lo[0] - lp[0]),
-                            pml_loss=float(np.abs(lo - lp).max()), ulp_loss=float(np.abs(lo - lu).max()),
-                            pml_metric=max(abs(o["final"][k] - p["final"][k]) for k in o["final"]),
-                            ulp_metric=max(abs(o["final"][k] - u["final"][k]) for k in o["final"]),
-                            shadow_loss=max(h["shadow_loss_absdiff"]), shadow_ge=max(h["shadow_grad_emb_reldiff"]),
-                            shadow_gw=max(h["shadow_grad_fc_reldiff"]), map_ours=o["final"]["MAP@R"],
-                            map_pml=p["final"]["MAP@R"],
+                            pml_diverged_step=p.get("diverged_step"),
+                            pml_loss=float(np.abs(lo[:n] - lp[:n])[fin].max()), ulp_loss=float(np.abs(lo - lu).max()),
+                            pml_metric=mdiff(o, p), ulp_metric=mdiff(o, u),
+                            shadow_loss=float(np.nanmax(h["shadow_loss_absdiff"])),
+                            shadow_ge=float(ge[~bad].max()), shadow_gw=float(gw[~bad].max()),
+                            shadow_points=len(ge), shadow_nonfinite=int(bad.sum()),
+                            shadow_first_nonfinite_step=(int(np.array(h["shadow_step"])[bad][0]) if bad.any() else None),
+                            map_ours=o["final"]["MAP@R"], map_pml=p["final"]["MAP@R"] if p["final"] else None,
                             shadow_reproduces_ours=bool(np.array_equal(lo, np.array(h["loss"]))),
-                            curves=dict(step=o["history"]["step"], ours=lo.tolist(), pml=lp.tolist(), ulp=lu.tolist())))
+                            curves=dict(step=o["history"]["step"], ours=lo.tolist(), pml=lp.tolist(), ulp=lu.tolist(),
+                                        shadow_step=h["shadow_step"], shadow_loss=h["shadow_loss_absdiff"],
+                                        shadow_gw=gw.tolist())))
     return out
 
 
@@ -376,25 +399,39 @@ def plot_curves(P, preset, pm):
                 E = np.array([r["history"]["eval_id_MAP@R"] for r in rs])
                 axes[1, j].errorbar(es, E.mean(0), yerr=E.std(0), fmt="o" + ls, ms=3, color=cols.get(K), lw=1,
                                     capsize=2, label=lab)
-        axes[0, j].set(title=f"m={m}: training loss (mov. avg 20, mean of seeds)", xlabel="step", yscale="log")
-        axes[1, j].set(title=f"m={m}: MAP@R (identities, 100-identity test subset)", xlabel="step")
+        axes[0, j].set(xlabel="step", yscale="log")
+        axes[0, j].set_title(f"m={m}: training loss (moving avg 20, mean of seeds)", fontsize=8)
+        axes[1, j].set(xlabel="step")
+        axes[1, j].set_title(f"m={m}: MAP@R, identities (100-identity test subset)", fontsize=8)
         axes[0, j].legend(fontsize=7)
         axes[1, j].legend(fontsize=7)
     ax0, ax1 = axes[0, -1], axes[1, -1]
     for r in pm:
         c = r["curves"]
-        ax0.plot(c["step"], c["ours"], "-", lw=1, label=f"ours, tau={r['tau']:g}")
-        ax0.plot(c["step"], c["pml"], ":", lw=1.2, label=f"PML, tau={r['tau']:g}")
-        ln, = ax1.plot(c["step"], np.abs(np.array(c["ours"]) - np.array(c["pml"])) + 1e-9, "-", lw=1,
-                       label=f"|ours - PML|, tau={r['tau']:g}")
-        ax1.plot(c["step"], np.abs(np.array(c["ours"]) - np.array(c["ulp"])) + 1e-9, ":", lw=1.2,
-                 color=ln.get_color(), label=f"|ours - ours(1-ulp)|, tau={r['tau']:g}")
+        lo, lp, lu = (np.array(c[k]) for k in ("ours", "pml", "ulp"))
+        n = min(len(lo), len(lp))
+        ln, = ax0.plot(c["step"][:n], np.abs(lo[:n] - lp[:n]) + 1e-9, "-", lw=1, label=f"|ours - PML|, tau={r['tau']:g}")
+        ax0.plot(c["step"], np.abs(lo - lu) + 1e-9, ":", lw=1.2, color=ln.get_color(),
+                 label=f"|ours - ours(1-ulp start)|, tau={r['tau']:g}")
+        if r["pml_diverged_step"]:
+            ax0.axvline(r["pml_diverged_step"], color=ln.get_color(), lw=0.8, ls="--")
+        ax1.plot(c["shadow_step"], np.array(c["shadow_loss"]) + 1e-12, "-", color=ln.get_color(), lw=1,
+                 label=f"loss |diff|, tau={r['tau']:g}")
+        gw = np.array(c["shadow_gw"])
+        ax1.plot(c["shadow_step"], gw + 1e-12, ":", color=ln.get_color(), lw=1.2,
+                 label=f"grad centers rel. diff, tau={r['tau']:g}")
+        bad = ~np.isfinite(gw)
+        if bad.any():
+            ax1.plot(np.array(c["shadow_step"])[bad], np.full(bad.sum(), 1.0), "x", color=ln.get_color(),
+                     label=f"PML gradient non-finite, tau={r['tau']:g}")
     if pm:
-        ax0.set(title=f"ours vs PML (m={P['pml']['m']}, K={P['pml']['K']}, seed {pm[0]['seed']})", xlabel="step",
-                yscale="log")
-        ax1.set(title="loss divergence vs the 1-ulp control", xlabel="step", yscale="log")
-        ax0.legend(fontsize=7)
-        ax1.legend(fontsize=7)
+        ax0.set(xlabel="step", ylabel="|loss difference| + 1e-9", yscale="log")
+        ax0.set_title(f"trained apart (m={P['pml']['m']}, K={P['pml']['K']}, seed {pm[0]['seed']}); "
+                      "dashed line: PML's loss NaN", fontsize=8)
+        ax1.set(xlabel="step", yscale="log")
+        ax1.set_title("shadow: PML on ours' embeddings and centers", fontsize=8)
+        ax0.legend(fontsize=6)
+        ax1.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, f"curves_{preset}.png"), dpi=75)
     plt.close(fig)

@@ -368,6 +368,7 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
             "eval_id_R@1": [], "eval_id_MAP@R": [],
             "shadow_step": [], "shadow_loss_absdiff": [], "shadow_grad_emb_reldiff": [], "shadow_grad_fc_reldiff": []}
     t_train = t_eval = 0.0
+    diverged = None
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
         if pos + cfg.batch > N:
@@ -402,6 +403,10 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
         hist["step"].append(step)
         hist["loss"].append(float(loss.detach()))
         hist["time"].append(time.time() - t0)
+        if not math.isfinite(hist["loss"][-1]):  # diverged (NaN / inf): stop, report the step, no metrics
+            diverged = step
+            print(f"  step {step:5d}  loss {hist['loss'][-1]} (non-finite): training stopped", file=sys.stderr)
+            break
         if log_every and (step % log_every == 0 or step == 1):
             print(f"  step {step:5d}  loss {hist['loss'][-1]:.4f}  {time.time() - t0:6.1f}s", file=sys.stderr, flush=True)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -412,13 +417,16 @@ def train(cfg: Config, data: dict | None = None, log_every: int = 50, return_mod
                 hist["eval_" + k].append(m.get(k, m[k.replace("id_", "")]))
             t_eval += time.perf_counter() - te
     te0 = time.time()
-    final = evaluate(model, P, seed=cfg.seed)
-    g_eval = torch.Generator().manual_seed(30_000 + cfg.seed)  # training images as seen in training
-    xs = torch.cat([(distort(to_float(P["xtr"][i:i + 4096]), g_eval, res) if cfg.aug == "strong"
-                     else downsample(to_float(P["xtr"][i:i + 4096]), res)) for i in range(0, N, 4096)])
-    centers = center_stats(loss_fn.fc, cfg.K, embed(model, xs), P["ytr"], P["ytr_id"])
+    final, centers = None, None
+    if diverged is None:
+        final = evaluate(model, P, seed=cfg.seed)
+        g_eval = torch.Generator().manual_seed(30_000 + cfg.seed)  # training images as seen in training
+        xs = torch.cat([(distort(to_float(P["xtr"][i:i + 4096]), g_eval, res) if cfg.aug == "strong"
+                         else downsample(to_float(P["xtr"][i:i + 4096]), res)) for i in range(0, N, 4096)])
+        centers = center_stats(loss_fn.fc, cfg.K, embed(model, xs), P["ytr"], P["ytr_id"])
     out = {"config": dataclasses.asdict(cfg), "final": final, "centers": centers, "history": hist,
-           "train_s": te0 - t0 - t_eval, "step_s": t_train / cfg.steps, "curve_eval_s": t_eval,
+           "diverged_step": diverged, "train_s": te0 - t0 - t_eval, "step_s": t_train / len(hist["step"]),
+           "curve_eval_s": t_eval,
            "eval_s": time.time() - te0, "wall_s": time.time() - t_start, "n_train": int(N),
            "n_test": int(len(P["yte"])), "classes_train": Ctr, "classes_test": P["Cte"],
            "metrics_backend": metrics.backend()}
