@@ -51,6 +51,8 @@ PRESETS = {
                     pml=dict(m=2, K=2, taus=[0.2], seeds=[0])),
 }
 KEYS = ["R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI"]
+# rounding-noise controls of the PML check: ours started from centers x (1 + eps)
+ULP_CONTROLS = (("_1ulp", 2.0 ** -23), ("_m1ulp", -(2.0 ** -24)), ("_2ulp", 2.0 ** -22))
 
 
 def log(*a):
@@ -84,7 +86,8 @@ def run_list(P) -> list[tuple[str, Config | str]]:
                 seen.add(base)
                 runs.append((base, cfg))
             runs.append((base + "_pml", dataclasses.replace(cfg, loss="pml")))
-            runs.append((base + "_1ulp", dataclasses.replace(cfg, init_perturb=2.0 ** -23)))
+            for suffix, eps in ULP_CONTROLS:
+                runs.append((base + suffix, dataclasses.replace(cfg, init_perturb=eps)))
             runs.append((base + "_shadowpml", dataclasses.replace(cfg, shadow_loss="pml", shadow_every=10)))
     return runs
 
@@ -276,12 +279,14 @@ def write_tables(df, sm, P, preset, meta):
     if pm:
         L += ["## Ours vs pytorch-metric-learning along the same training trajectory", "",
               f"m = {P['pml']['m']}, K = {P['pml']['K']}; identical init, batches and augmentation. Separate: the two "
-              "losses trained separately. 1-ulp: ours started from centers x (1 + 2^-23) (rounding-noise control). "
+              "losses trained separately. 1-ulp: ours started from centers x (1 + 2^-23), x (1 - 2^-24), x (1 + 2^-22) "
+              "(rounding-noise controls; the largest difference of the three). "
               "Shadow: ours with PML evaluated on the identical embeddings and centers every 10 steps (gradients: "
               "max-abs difference / max-abs value).", "",
               "| tau | seed | steps | loss diff step 1 | max loss diff: PML | : 1-ulp | max metric diff: PML | : 1-ulp | "
-              "shadow loss diff | shadow grad emb | shadow grad centers | PML non-finite | MAP@R ours / PML |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "shadow loss diff | shadow grad emb | shadow grad centers | PML non-finite | MAP@R ours / PML | "
+              "identity MAP@R ours / PML / 1-ulp controls |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def e(v):
             return "—" if v is None else f"{v:.1e}"
@@ -293,7 +298,9 @@ def write_tables(df, sm, P, preset, meta):
             mp = "—" if r["map_pml"] is None else f"{r['map_pml']:.4f}"
             L.append(f"| {r['tau']:g} | {r['seed']} | {r['steps']} | {r['loss_diff_step1']:.1e} | {r['pml_loss']:.1e} | "
                      f"{r['ulp_loss']:.1e} | {e(r['pml_metric'])} | {e(r['ulp_metric'])} | {r['shadow_loss']:.1e} | "
-                     f"{r['shadow_ge']:.1e} | {r['shadow_gw']:.1e} | {div} | {r['map_ours']:.4f} / {mp} |")
+                     f"{r['shadow_ge']:.1e} | {r['shadow_gw']:.1e} | {div} | {r['map_ours']:.4f} / {mp} | "
+                     + " / ".join("—" if v is None else f"{v:.4f}" for v in [r["id_map_ours"], r["id_map_pml"]] + r["id_map_ulp"])
+                     + " |")
         L.append("")
     L += ["## Time", "", f"Runs: {len(df)} grid runs, mean wall per run {df.wall_s.mean():.0f} s "
           f"(step {df.step_s.mean():.3f} s, final evaluation {df.eval_s.mean():.0f} s); sum of run walls "
@@ -310,9 +317,11 @@ def pml_rows(P):
     for s in q["seeds"]:
         for tau in q["taus"]:
             base = grid_name(q["m"], q["K"], tau, s, P["steps"])
-            o, p, u, sh = (_load(base + x) for x in ("", "_pml", "_1ulp", "_shadowpml"))
-            if not all((o, p, u, sh)):
+            o, p, sh = (_load(base + x) for x in ("", "_pml", "_shadowpml"))
+            us = [r for r in (_load(base + x) for x, _ in ULP_CONTROLS) if r]
+            if not all((o, p, sh)) or not us:
                 continue
+            u = us[0]
             lo, lp, lu = (np.array(r["history"]["loss"]) for r in (o, p, u))
             n = min(len(lp), len(lo))
             fin = np.isfinite(lp[:n])
@@ -325,8 +334,12 @@ def pml_rows(P):
 
             out.append(dict(tau=tau, seed=s, steps=P["steps"], loss_diff_step1=abs(lo[0] - lp[0]),
                             pml_diverged_step=p.get("diverged_step"),
-                            pml_loss=float(np.abs(lo[:n] - lp[:n])[fin].max()), ulp_loss=float(np.abs(lo - lu).max()),
-                            pml_metric=mdiff(o, p), ulp_metric=mdiff(o, u),
+                            pml_loss=float(np.abs(lo[:n] - lp[:n])[fin].max()),
+                            ulp_loss=max(float(np.abs(lo - np.array(x["history"]["loss"])).max()) for x in us),
+                            pml_metric=mdiff(o, p), ulp_metric=max(mdiff(o, x) for x in us), ulp_controls=len(us),
+                            id_map_ours=o["final"].get("id_MAP@R"),
+                            id_map_pml=p["final"].get("id_MAP@R") if p["final"] else None,
+                            id_map_ulp=[x["final"].get("id_MAP@R") for x in us],
                             shadow_loss=float(np.nanmax(h["shadow_loss_absdiff"])),
                             shadow_ge=float(ge[~bad].max()), shadow_gw=float(gw[~bad].max()),
                             shadow_points=len(ge), shadow_nonfinite=int(bad.sum()),
