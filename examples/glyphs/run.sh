@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh checkout (Debian/Ubuntu with apt; network to PyPI and the Debian mirror):
 #   bash examples/glyphs/run.sh                  # ~10 min preset "quick" (+ a few minutes of font download / rendering)
-#   bash examples/glyphs/run.sh --preset full    # the committed results (~1 h on 2 CPU cores)
+#   bash examples/glyphs/run.sh --preset full    # the saturated reference results (~1 h on 2 CPU cores)
+#   bash examples/glyphs/run.sh multimodal                 # K x m quick grid (multimodal.py --preset mm-quick)
+#   bash examples/glyphs/run.sh multimodal --preset mm     # the committed K x m grid (see README for the time)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -17,4 +19,8 @@ if ! apt-cache show fonts-ipafont-gothic >/dev/null 2>&1; then
 fi
 cd "$HERE"
 python build_dataset.py --set kanji --num-classes 1000
+if [ "${1:-}" = multimodal ]; then
+  shift
+  exec python multimodal.py "$@"
+fi
 exec python run_experiments.py "$@"
