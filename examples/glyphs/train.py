@@ -210,7 +210,7 @@ def union_labels(num_identities: int, m: int, rng: np.random.Generator) -> np.nd
 _TEST_CACHE: dict = {}
 
 
-def test_images(cfg: "Config", xte: np.ndarray) -> torch.Tensor:
+def test_images(cfg: Config, xte: np.ndarray) -> torch.Tensor:
     """The test images as the network sees them: downsampled to res, and (test_distort) distorted once
     with a fixed generator, so every run evaluates on the very same images."""
     res = cfg.res or cfg.size
