@@ -71,7 +71,7 @@ def n_cores() -> int:
 def device_tag(device: str) -> str:
     if device.startswith("cuda"):
         return "cuda-" + _slug(torch.cuda.get_device_name(torch.device(device)))
-    words = [w for w in re.split(r"[\s(),]+", cpu_model()) if w and w.upper() not in ("(R)", "(TM)", "CPU")]
+    words = [w for w in re.split(r"[\s(),]+", cpu_model()) if w and w.upper() not in ("R", "TM", "CPU", "PROCESSOR")]
     vendor = "-".join(words[:2]) if words else "cpu"
     return f"cpu-{n_cores()}core-{_slug(vendor)}"
 
