@@ -63,6 +63,16 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
+def rows_from_similarities(s, y, K, la, gamma, margin):
+    """The formula from the similarities s [N, C*K] on (an oracle independent of the package's reference):
+    per-row losses [N] and the class logits z [N, C]."""
+    N, C = s.shape[0], s.shape[1] // K
+    s3 = s.view(N, C, K)
+    S = (torch.softmax(s3 / gamma, dim=2) * s3).sum(2)
+    z = la * (S - margin * torch.nn.functional.one_hot(y, C).to(s.dtype))
+    return torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0], z
+
+
 def loss_and_grads(fn, x, w, g=None):
     """Value and gradients of fn(x, w); with g (per-row weights) for reduction='none'."""
     x = x.detach().clone().requires_grad_(True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import softtriple_triton as st
-from conftest import TRITON_DEVICE, make_inputs, rel_err
+from conftest import TRITON_DEVICE, make_inputs, rel_err, rows_from_similarities
 from softtriple_triton import fused
 from softtriple_triton.functional import product_dtype
 
@@ -41,12 +41,8 @@ def rounded_oracle(emb, fc, y, K, prod, la, gamma, margin, g=None, ds_out=None, 
     wr = wn + ((fc.detach().double() / fc.detach().double().norm(dim=0)).to(prod).double() - wn).detach()
     s = xr @ wr
     s.retain_grad()
-    N, C = s.shape[0], s.shape[1] // K
-    s3 = s.view(N, C, K)
-    S = (torch.softmax(s3 / gamma, dim=2) * s3).sum(2)
-    z = la * (S - margin * F.one_hot(y, C).double())
-    rows = torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0]
-    (rows * (g if g is not None else 1.0 / N)).sum().backward()
+    rows, _ = rows_from_similarities(s, y, K, la, gamma, margin)
+    (rows * (g if g is not None else 1.0 / s.shape[0])).sum().backward()
     if ds_out is not None:
         ds_out.append(s.grad)
     return rows.mean().detach(), e.grad, w.grad

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from conftest import TRITON_DEVICE, make_inputs, rel_err
+from conftest import TRITON_DEVICE, make_inputs, rel_err, rows_from_similarities
 from softtriple_triton._common import LossParams
 from softtriple_triton.kernels.backward_w import softtriple_backward_w
 from softtriple_triton.kernels.backward_x import softtriple_backward_x
@@ -31,13 +31,9 @@ def autograd_oracle(x, wt, y, K, g, la, gamma, margin):
     wr = wt.detach().double().requires_grad_(True)
     s = xr @ wr.t()
     s.retain_grad()
-    N, C = x.shape[0], wt.shape[0] // K
-    s3 = s.view(N, C, K)
-    S = (torch.softmax(s3 / gamma, dim=2) * s3).sum(2)
-    z = la * (S - margin * F.one_hot(y, C).double())
-    rows = torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0]
+    rows, z = rows_from_similarities(s, y, K, la, gamma, margin)
     (rows * g).sum().backward()
-    return rows.detach(), xr.grad, wr.grad.t()
+    return rows.detach(), xr.grad, wr.grad.t(), s.grad, z.detach()
 
 
 def unit_rows(wt):
@@ -53,7 +49,7 @@ def test_tilings_and_splits_are_exact(splits, lanes, K):
     wt = unit_rows(w.t().contiguous())
     g = torch.rand(N, dtype=torch.float64, device=TRITON_DEVICE)
     p = LossParams(K, **HP)
-    rows_ref, dx_ref, dw_ref = autograd_oracle(x, wt, y, K, g, **HP)
+    rows_ref, dx_ref, dw_ref, _, _ = autograd_oracle(x, wt, y, K, g, **HP)
     rows, lse = softtriple_forward(x, wt, y, p, splits=splits, lanes=lanes)
     dx = softtriple_backward_x(x, wt, y, g, lse, None, p, one(x), splits=splits, lanes=lanes)
     dw = softtriple_backward_w(x, wt, y, g, lse, None, p, one(x), splits=splits, lanes=lanes)
@@ -72,14 +68,7 @@ def test_grad_chunks_give_ds(tiles_per_chunk, K):
     g = torch.rand(N, dtype=torch.float64, device=TRITON_DEVICE)
     p = LossParams(K, **HP)
     _, lse = softtriple_forward(x, wt, y, p)
-    xr = x.clone()
-    wr = wt.clone().requires_grad_(True)
-    s = xr @ wr.t()
-    s.retain_grad()
-    s3 = s.view(N, C, K)
-    S = (torch.softmax(s3 / HP["gamma"], 2) * s3).sum(2)
-    z = HP["la"] * (S - HP["margin"] * F.one_hot(y, C).double())
-    ((torch.logsumexp(z, 1) - z.gather(1, y[:, None])[:, 0]) * g).sum().backward()
+    ds_ref = autograd_oracle(x, wt, y, K, g, **HP)[3]
     cfg = grad_chunk_tiles(x, wt, K, lanes=16)
     n_tiles = triton.cdiv(C, cfg.block_c)
     inv_scale = torch.tensor([0.25], dtype=torch.float64, device=x.device)
@@ -88,7 +77,7 @@ def test_grad_chunks_give_ds(tiles_per_chunk, K):
         t1 = min(n_tiles, t0 + tiles_per_chunk)
         c0, c1 = t0 * cfg.block_c * K, min(C * K, t1 * cfg.block_c * K)
         softtriple_grad_chunk(x, wt, y, g, lse, None, p, t0, t1, inv_scale, ds[:, c0:c1], cfg)
-    assert rel_err(ds, s.grad * 0.25) < 1e-12
+    assert rel_err(ds, ds_ref * 0.25) < 1e-12
 
 
 @pytest.mark.parametrize("K", [1, 3, 10])
@@ -106,17 +95,11 @@ def test_cached_forward_and_its_dL_ds(K):
     z = torch.full((N, C), float("nan"), dtype=torch.float64, device=x.device)
     rows, lse = softtriple_forward(x, wt, y, p, splits=3, cache=(fac, z, one(x)))
     assert torch.equal(rows, softtriple_forward(x, wt, y, p, splits=3)[0])
-    xr, wr = x.clone(), wt.clone().requires_grad_(True)
-    s = xr @ wr.t()
-    s.retain_grad()
-    s3 = s.view(N, C, K)
-    S = (torch.softmax(s3 / HP["gamma"], 2) * s3).sum(2)
-    zr = HP["la"] * (S - HP["margin"] * F.one_hot(y, C).double())
-    ((torch.logsumexp(zr, 1) - zr.gather(1, y[:, None])[:, 0]) * g).sum().backward()
+    _, _, _, ds_ref, zr = autograd_oracle(x, wt, y, K, g, **HP)
     assert rel_err(z, zr) < 1e-13
     ds = softtriple_grad_cached(fac, z, y, g, lse, p, torch.tensor([0.5], dtype=torch.float64, device=x.device),
                                 torch.float64)
-    assert rel_err(ds, s.grad * 0.5) < 1e-12
+    assert rel_err(ds, ds_ref * 0.5) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
