@@ -102,13 +102,14 @@ def _give(buf: Tensor) -> None:
             _pool.append(buf)
 
 
-def _inverse_norms(w: Tensor) -> Tensor:
-    """F.normalize semantics: 1 / max(||w_j||, 1e-12). The plain sum of squares (torch.linalg.vector_norm over dim
-    0 is ~3x slower on CPU) where it cannot have overflowed, else the power-of-two scaled norms (any finite w)."""
+def _inverse_norms(w: Tensor) -> tuple[Tensor, bool]:
+    """F.normalize semantics: 1 / max(||w_j||, 1e-12), and whether rw^2 is known to be a normal number. The plain
+    sum of squares (torch.linalg.vector_norm over dim 0 is ~3x slower on CPU) where it cannot have overflowed
+    (then rw^2 = 1 / sumsq is in range), else the power-of-two scaled norms (any finite w)."""
     sumsq = column_dots(w, w, w.dtype)
     if needs_pow2_scale(w, sumsq):
-        return inverse_column_norms(w)
-    return sumsq.sqrt_().clamp_min_(1e-12).reciprocal_()
+        return inverse_column_norms(w), False
+    return sumsq.sqrt_().clamp_min_(1e-12).reciprocal_(), True
 
 
 def _chunk_classes(N: int, C: int, K: int, itemsize: int) -> int:
@@ -203,7 +204,7 @@ class _TorchChunks:
 
     def __init__(self, xa: Tensor, wa: Tensor, K: int, gamma: float, bounded: bool, rw: Tensor | None = None):
         self.xa, self.wa, self.K, self.gamma, self.bounded = xa, wa, K, gamma, bounded
-        self.rw: Tensor = _inverse_norms(wa) if rw is None else rw
+        self.rw, self.rw_squares_ok = _inverse_norms(wa) if rw is None else (rw, False)
         self.rw_g = self.rw / gamma
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
 
@@ -242,10 +243,13 @@ class _TorchChunks:
             _give(a)
 
     def centers_grad(self, V: Tensor) -> Tensor:
-        """Through the column normalisation rw = 1/||w||: dw = V - (w rw) * rw (w . V), V = x^T @ (ds * rw). w is
-        normalised before the product: rw^2 alone under- or overflows for columns of norm beyond ~1e19 (fp32)."""
-        return V.addcmul_(self.wa * self.rw, (self.rw * column_dots(self.wa, V, self.wa.dtype)).unsqueeze(0),
-                          value=-1.0)
+        """Through the column normalisation rw = 1/||w||: dw = V - w rw^2 (w . V), V = x^T @ (ds * rw). When rw^2
+        may leave the normal range (column norms beyond ~1e19 in fp32) w is normalised before the product instead:
+        dw = V - (w rw) rw (w . V), at the cost of a d x C*K temporary."""
+        dots = column_dots(self.wa, V, self.wa.dtype)
+        if self.rw_squares_ok:
+            return V.addcmul_(self.wa, (self.rw * self.rw * dots).unsqueeze(0), value=-1.0)
+        return V.addcmul_(self.wa * self.rw, (self.rw * dots).unsqueeze(0), value=-1.0)
 
 
 class _NativeChunks(_TorchChunks):
