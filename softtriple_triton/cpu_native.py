@@ -35,7 +35,7 @@ import torch
 ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
 ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
 
-_VERSION = 4  # of the C source: a cached build answering another number is rebuilt
+_VERSION = 5  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
 #include <math.h>
@@ -152,14 +152,22 @@ void st_center_grad_SFX(int64_t d, int64_t M, real* restrict V, int64_t ldv, con
     }
 }
 
-/* The inner softmax of one class over batch entries i0 .. i0+ni, from its K rows of uT (row k at uc + k * N):
+/* The inner softmax of one class over batch entries i0 .. i0+ni, from its K rows of uT (row k at uc + k * N), with
+   a software prefetch of the next work item (rows at next + k * N, see st_next; NULL = none) spread over the
+   work: the chunk comes from DRAM, and the hardware streamer stops at every 4 KiB page (cold chunk at N=256
+   C*K=10000, 2 threads: forward 1.38 -> 1.00 ms, backward 1.44 -> 1.04 ms):
    T[k] = t = u rw / gamma, E[k] = e = exp(t - shift) (shift 1/gamma when `bounded`: |s| <= 1, else the
    per-entry max over k), DEN = 1 / sum_k e, SS = S = gamma sum_k e t / sum_k e. Scratch rows are TILE long. */
 static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* restrict uc, const real* restrict rwc,
                                 real gamma, int bounded, real* restrict T, real* restrict E, real* restrict MX,
-                                real* restrict DEN, real* restrict NUM, real* restrict SS) {
+                                real* restrict DEN, real* restrict NUM, real* restrict SS, const real* next) {
     const real inv_gamma = (real)1 / gamma;
+    /* software prefetch of the next class's rows (`next`, NULL = none), a row per centre of this one: the
+       hardware streamer stops at every 4 KiB page, and the chunk is read from DRAM */
+
     if (K == 1) {  /* p = 1, S = s: no exponential */
+        if (next)
+            for (int64_t i = 0; i < ni; i += 64 / sizeof(real)) __builtin_prefetch(next + i, 1, 3);
         for (int64_t i = 0; i < ni; i++) {
             T[i] = uc[i] * (rwc[0] * inv_gamma);
             E[i] = 1;
@@ -175,6 +183,8 @@ static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* re
             real* restrict tk = T + k * TILE;
             real* restrict ek = E + k * TILE;
             const real f = rwc[k] * inv_gamma;
+            if (next)
+                for (int64_t i = 0; i < ni; i += 64 / sizeof(real)) __builtin_prefetch(next + k * N + i, 1, 3);
             for (int64_t i = 0; i < ni; i++) {
                 real t = uk[i] * f;
                 real e = st_exp_SFX(t - inv_gamma);
@@ -189,6 +199,8 @@ static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* re
             const real* restrict uk = uc + k * N;
             real* restrict tk = T + k * TILE;
             const real f = rwc[k] * inv_gamma;
+            if (next)
+                for (int64_t i = 0; i < ni; i += 64 / sizeof(real)) __builtin_prefetch(next + k * N + i, 1, 3);
             for (int64_t i = 0; i < ni; i++) tk[i] = uk[i] * f;
             if (k == 0) {
                 for (int64_t i = 0; i < ni; i++) MX[i] = tk[i];
@@ -213,6 +225,12 @@ static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* re
     }
 }
 
+/* The rows of the work item after (class c, entries i0 ..): the same class's next tile, else the next class's first. */
+static inline const real* st_next_SFX(const real* uT, int64_t N, int64_t K, int64_t m, int64_t c, int64_t i0) {
+    if (i0 + TILE < N) return uT + c * K * N + i0 + TILE;
+    return c + 1 < m ? uT + (c + 1) * K * N : NULL;
+}
+
 /* Scratch of one thread for st_class: T, E (K x TILE each) and four TILE rows. */
 static real* st_scratch_SFX(int64_t K) { return (real*)malloc(sizeof(real) * (size_t)(2 * K * TILE + 4 * TILE)); }
 
@@ -235,7 +253,8 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
             const int64_t cg = c0 + c;
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
-                st_class_SFX(N, K, ni, uT + c * K * N + i0, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
+                st_class_SFX(N, K, ni, uT + c * K * N + i0, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS,
+                             st_next_SFX(uT, N, K, m, c, i0));
                 if (z) {
                     real* restrict zc = z + c * N + i0;
                     const int64_t* restrict lab = labels + i0;
@@ -300,7 +319,8 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
             for (int64_t i0 = 0; i0 < N; i0 += TILE) {
                 const int64_t ni = N - i0 < TILE ? N - i0 : TILE;
                 real* uc = uT + c * K * N + i0;
-                st_class_SFX(N, K, ni, uc, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS);
+                st_class_SFX(N, K, ni, uc, rw + c * K, gamma, bounded, T, E, MX, DEN, NUM, SS,
+                             st_next_SFX(uT, N, K, m, c, i0));
                 if (z) {
                     const real* restrict zc = z + c * N + i0;
                     const int64_t* restrict lab = labels + i0;
