@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Before/after of the torch backend: ours with softtriple_triton/cpu.py as of a git revision (default main) vs
-the working tree's, with the GEMM floor and optionally torch.compile of the plain formula, all timed in one
-interleaved run per case (bench/timing.py). The rest of the package is the working tree's in both.
+"""Before/after of the torch backend: ours with softtriple_triton/cpu.py (its kernels and its embedding
+normalisation) as of a git revision (default main) vs the working tree's, with the GEMM floor and optionally
+torch.compile of the plain formula, all timed in one interleaved run per case (bench/timing.py). The rest of the
+package is the working tree's in both.
 
     python bench/compare.py                   # the default grid's CPU timing cases, vs main
     python bench/compare.py --ref HEAD~3 --cases target --compile
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 import providers as P  # noqa: E402
 import softtriple_triton.functional as F_  # noqa: E402
 from grids import grid  # noqa: E402
+from softtriple_triton._common import unit_rows  # noqa: E402
 from timing import Clock, floor_sampler, step_sampler, time_interleaved  # noqa: E402
 
 POLICY = dict(min_reps=7, max_reps=40, slow_reps=3, target_s=1.5, cap_s=30.0)
@@ -60,10 +62,11 @@ def load_ref_cpu(ref: str):
     return _load("softtriple_triton._cpu_ref", src)
 
 
-def ours_with(rows_fn, case, x, fc, y):
-    """ours (backend="torch") with the given torch_loss_rows."""
+def ours_with(rows_fn, rows_norm_fn, case, x, fc, y):
+    """ours (backend="torch") with the given torch_loss_rows and embedding normalisation (cpu.unit_rows_fast, or
+    _common.unit_rows for a revision without it)."""
     def step():
-        F_.torch_loss_rows = rows_fn
+        F_.torch_loss_rows, F_.unit_rows_fast = rows_fn, rows_norm_fn
         return P.build("ours", case, x, fc, y, "cpu")[0]()
     return step
 
@@ -78,7 +81,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     ref = load_ref_cpu(args.ref)
-    new_rows = F_.torch_loss_rows
+    new_rows, new_norm = F_.torch_loss_rows, F_.unit_rows_fast
+    ref_norm = getattr(ref, "unit_rows_fast", unit_rows)
     cases = [c for c in grid("default", False) if c.timing]
     if args.cases == "target":
         cases = [c for c in cases if c.sweep == "target"]
@@ -91,15 +95,15 @@ def main(argv=None):
     for case in cases:
         x, fc, y = P.make_inputs(case, "cpu")
         clock = Clock("cpu")
-        samplers = {"ref": step_sampler(ours_with(ref.torch_loss_rows, case, x, fc, y), [x, fc], clock),
-                    "new": step_sampler(ours_with(new_rows, case, x, fc, y), [x, fc], clock),
+        samplers = {"ref": step_sampler(ours_with(ref.torch_loss_rows, ref_norm, case, x, fc, y), [x, fc], clock),
+                    "new": step_sampler(ours_with(new_rows, new_norm, case, x, fc, y), [x, fc], clock),
                     "floor": floor_sampler(P.floor_ops(case, x, fc, "cpu"), clock)}
         if args.compile:
             step, params = P.build("compile", case, x, fc, y, "cpu")
             samplers["compile"] = step_sampler(step, params, clock)
         la = os.getloadavg()[0]
         res = time_interleaved(samplers, POLICY, POLICY["cap_s"])
-        F_.torch_loss_rows = new_rows
+        F_.torch_loss_rows, F_.unit_rows_fast = new_rows, new_norm
         ms = {k: v["modes"]["fwd+bwd"]["value"] * 1e3 if v["modes"] else float("nan") for k, v in res.items()}
         line = (f"{case.case_id:<34} {ms['ref']:9.2f} {ms['new']:9.2f} {ms['new'] / ms['ref']:8.3f} {ms['floor']:9.2f}"
                 f" {ms['ref'] / ms['floor']:7.3f} {ms['new'] / ms['floor']:7.3f}")

@@ -9,7 +9,8 @@ products, memory O(N * chunk)).
 
 The column normalisation of the centers is folded in: s = (x @ w) * rw with rw = 1 / ||w_j||, and
 its backward dw = V - w * rw^2 * (w . V) with V = x^T @ (ds * rw) is done here, not by autograd, so no
-normalised copy of the centers is made. Embedding normalisation (N x d, cheap) is left to autograd.
+normalised copy of the centers is made. The embeddings' normalisation is one C pass each way on CPU
+(``unit_rows_fast``; autograd through ~15 small operations elsewhere).
 
 Two implementations of the per-chunk element-wise work, same math (``_NativeChunks``, ``_TorchChunks``):
 - CPU, fp32/fp64 (the default there): the fused C kernels of ``cpu_native`` on a transposed chunk
@@ -34,9 +35,10 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import cpu_native
-from ._common import acc_dtype, inverse_column_norms
+from ._common import acc_dtype, inverse_column_norms, unit_rows
 from .regularizer import column_dots, needs_pow2_scale
 
 DEFAULT_CHUNK_BYTES = 64 << 20   # largest N x chunk temporary
@@ -596,6 +598,41 @@ class _TracedLogits(torch.autograd.Function):
         dx, dw = _run_backward(_TorchChunks(xa, wa, K, gamma, bounded, rw), cached, ctx.needs_input_grad[0],
                                ctx.needs_input_grad[1], dS=dS)
         return _out(dx, dw, xa.new_empty(0, dtype=x_dtype), wa.new_empty(0, dtype=w_dtype), 3)
+
+
+# ----------------------------------------------------------------------------------------- embedding normalisation
+class _UnitRowsNative(torch.autograd.Function):
+    """unit_rows (F.normalize of the rows without overflow) as one C pass each way: its autograd graph is ~15 small
+    operations, 0.8 ms of a 32 ms step at N=256 d=512 C=1000 K=10 and 14% of a step at N=128 C=100 here. A
+    backward that must be differentiable (create_graph=True) differentiates unit_rows itself instead."""
+
+    @staticmethod
+    def forward(ctx, x):
+        lib = cpu_native.library()
+        y, ctx.nc, ctx.sc = cpu_native.unit_rows(lib, x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: a differentiable gradient, of the same function
+            with torch.enable_grad():
+                return torch.autograd.grad(unit_rows(x), x, g, create_graph=True)[0]
+        return cpu_native.unit_rows_backward(cpu_native.library(), y, g.contiguous(), ctx.nc, ctx.sc)
+
+
+def unit_rows_fast(x: Tensor) -> Tensor:
+    """unit_rows(x) with the C kernels where they apply (a CPU fp32/fp64 2-d tensor, plain eager autograd: no
+    torch.func transform, forward-mode level or torch.compile trace), else unit_rows itself."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2 or x.is_sparse
+            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0 or cpu_native.library() is None):
+        return unit_rows(x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _UnitRowsNative.apply(x)
+    return cpu_native.unit_rows(cpu_native.library(), x)[0]
 
 
 def _want_cache(x: Tensor, w: Tensor) -> bool:

@@ -35,7 +35,7 @@ import torch
 ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
 ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
 
-_VERSION = 5  # of the C source: a cached build answering another number is rebuilt
+_VERSION = 6  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
 #include <math.h>
@@ -45,6 +45,7 @@ _COMMON = r"""
 
 #define TILE 256   /* batch entries per inner vector loop (scratch K x TILE per thread) */
 #define CB 128     /* columns per block of the column-norm and centre-gradient kernels */
+#define ST_LANES 16  /* partial sums of the row reductions */
 
 /* exp(x) to ~1 ulp, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2/2, exp(r) by its
    Taylor polynomial (degree 7 in fp32, 14 in fp64), 2^n applied as two factors so that the result underflows
@@ -136,6 +137,62 @@ void st_inv_norms_SFX(int64_t d, int64_t M, const real* restrict w, int64_t ldw,
             double nrm = sqrt(acc[j]);
             rw[j0 + j] = (real)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
         }
+    }
+}
+
+/* Rows of x [N, d] (row stride ldx) normalised as F.normalize does, y = x / max(||x||, 1e-12), for any finite x:
+   sums of squares in double, and for double input each row first divided by the power of two s that brings its
+   largest entry into [1, 2) when it is >= 2 (exact; as _common.pow2_scale), so no square overflows. Per row:
+   nc = max(||x / s||, 1e-12) (NaN stays NaN) and s, for the backward. A row is one thread's. */
+void st_unit_rows_SFX(int64_t N, int64_t d, const real* restrict x, int64_t ldx, real* restrict y,
+                      double* restrict nc, double* restrict sc, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * d > 16384)
+    for (int64_t i = 0; i < N; i++) {
+        const real* restrict xr = x + i * ldx;
+        real* restrict yr = y + i * d;
+        double s = 1.0;
+        if (sizeof(real) == sizeof(double)) {
+            double m = 0.0;
+            for (int64_t r = 0; r < d; r++) { double a = fabs((double)xr[r]); m = a > m ? a : m; }
+            if (m >= 2.0 && m <= 1.7976931348623157e308) { int e; frexp(m, &e); s = ldexp(1.0, e - 1); }
+        }
+        const double inv_s = 1.0 / s;
+        double part[ST_LANES] = {0};                        /* fixed-order partial sums: a vector loop */
+        int64_t r0 = 0;
+        for (; r0 + ST_LANES <= d; r0 += ST_LANES)
+            for (int l = 0; l < ST_LANES; l++) { double v = (double)xr[r0 + l] * inv_s; part[l] += v * v; }
+        for (; r0 < d; r0++) { double v = (double)xr[r0] * inv_s; part[0] += v * v; }
+        double acc = 0.0;
+        for (int l = 0; l < ST_LANES; l++) acc += part[l];
+        double n = sqrt(acc);
+        double c = n < 1e-12 ? 1e-12 : n;                  /* NaN < eps is false: NaN propagates */
+        const double is = 1.0 / s, ic = 1.0 / c;             /* 1 / s is a power of two: exact */
+        for (int64_t r = 0; r < d; r++) yr[r] = (real)(((double)xr[r] * is) * ic);
+        nc[i] = c;
+        sc[i] = s;
+    }
+}
+
+/* Backward of st_unit_rows: dx = (g - y (y . g)) / nc / s (as products with the reciprocals) where the norm
+   was not clamped (nc > 1e-12), g / nc / s where it was (the clamp's gradient is zero), in double per row. */
+void st_unit_rows_backward_SFX(int64_t N, int64_t d, const real* restrict y, const real* restrict g, int64_t ldg,
+                               const double* restrict nc, const double* restrict sc, real* restrict dx, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * d > 16384)
+    for (int64_t i = 0; i < N; i++) {
+        const real* restrict yr = y + i * d;
+        const real* restrict gr = g + i * ldg;
+        real* restrict dr = dx + i * d;
+        double part[ST_LANES] = {0};
+        int64_t r0 = 0;
+        for (; r0 + ST_LANES <= d; r0 += ST_LANES)
+            for (int l = 0; l < ST_LANES; l++) part[l] += (double)yr[r0 + l] * (double)gr[r0 + l];
+        for (; r0 < d; r0++) part[0] += (double)yr[r0] * (double)gr[r0];
+        double dot = 0.0;
+        for (int l = 0; l < ST_LANES; l++) dot += part[l];
+        const double c = nc[i], s = sc[i];
+        if (!(c > 1e-12)) dot = c != c ? c : 0.0;       /* clamped: no projection; a NaN norm stays NaN */
+        const double ic = 1.0 / c, is = 1.0 / s;
+        for (int64_t r = 0; r < d; r++) dr[r] = (real)((((double)gr[r] - (double)yr[r] * dot) * ic) * is);
     }
 }
 
@@ -472,7 +529,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, real, ptr,
                                                        i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
-        for name in ("inv_norms", "center_grad", "forward", "backward"):
+        getattr(lib, f"st_unit_rows_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, cint]
+        getattr(lib, f"st_unit_rows_backward_{sfx}").argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, cint]
+        for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
     lib.st_version.restype = cint
 
@@ -525,6 +584,25 @@ def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
     rw = torch.empty(w.shape[1], dtype=w.dtype)
     _call(lib, "inv_norms", w, w.shape[0], w.shape[1], w.data_ptr(), w.stride(0), rw.data_ptr())
     return rw
+
+
+def unit_rows(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, nc, s): the rows of x [N, d] (x.stride(1) == 1) normalised, their clamped norms after the power-of-two
+    scale s, and s (both fp64 [N]); see st_unit_rows in the C source."""
+    N, d = x.shape
+    y = torch.empty((N, d), dtype=x.dtype)
+    nc = torch.empty(N, dtype=torch.float64)
+    sc = torch.empty(N, dtype=torch.float64)
+    _call(lib, "unit_rows", x, N, d, x.data_ptr(), x.stride(0), y.data_ptr(), nc.data_ptr(), sc.data_ptr())
+    return y, nc, sc
+
+
+def unit_rows_backward(lib, y: torch.Tensor, g: torch.Tensor, nc: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """dL/dx of unit_rows for dL/dy = g (g.stride(1) == 1)."""
+    dx = torch.empty_like(y)
+    _call(lib, "unit_rows_backward", y, y.shape[0], y.shape[1], y.data_ptr(), g.data_ptr(), g.stride(0),
+          nc.data_ptr(), sc.data_ptr(), dx.data_ptr())
+    return dx
 
 
 def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

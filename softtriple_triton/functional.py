@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._common import LossParams, acc_dtype, no_autocast, pow2_scale, unit_rows
 from ._validation import check_embeddings_and_centers, check_hyper, check_labels, resolve_backend
-from .cpu import torch_logits, torch_loss_rows
+from .cpu import torch_logits, torch_loss_rows, unit_rows_fast
 from .reference import reference_logits, reference_softtriple_loss
 from .regularizer import center_regularizer
 from .triton_autograd import triton_logits, triton_loss_rows
@@ -34,12 +34,14 @@ def product_dtype(emb_dtype: torch.dtype, fc_dtype: torch.dtype, device_type: st
     return torch.promote_types(emb_dtype, fc_dtype)
 
 
-def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: torch.dtype) -> Tensor:
+def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: torch.dtype,
+                     native: bool = False) -> Tensor:
     """Embeddings as the kernels consume them: normalised in the accumulation dtype, then stored in ``dt``
-    (one rounding)."""
+    (one rounding). F.normalize without overflow for any finite entries; ``native``: by the CPU C kernels where
+    they apply (the torch backend)."""
     if not normalize:
         return embeddings.to(dt)
-    return unit_rows(embeddings.to(acc)).to(dt)  # F.normalize without overflow for any finite entries
+    return (unit_rows_fast if native else unit_rows)(embeddings.to(acc)).to(dt)
 
 
 def _reference_inputs(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -97,7 +99,7 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
             rows = triton_loss_rows(x, fc, labels, LossParams(K, la, gamma, margin), prod, keep)
         else:
             x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings,
-                                 acc)
+                                 acc, native=True)
             rows = torch_loss_rows(x, fc, labels, K, la, gamma, margin, normalize_embeddings)
         if reduction == "none":
             return rows
@@ -130,5 +132,6 @@ def softtriple_logits(embeddings: Tensor, fc: Tensor, centers_per_class: int, ga
         if be == "triton":
             return triton_logits(_normalized_rows(embeddings, acc, normalize_embeddings, acc), fc,
                                  LossParams(K, 1.0, gamma, 0.0), prod)
-        x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings, acc)
+        x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings, acc,
+                             native=True)
         return torch_logits(x, fc, K, gamma, normalize_embeddings)

@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as fwAD
 
 import softtriple_triton as st
 from conftest import TOL, loss_and_grads, make_inputs, rel_err
-from softtriple_triton import cpu, cpu_native
+from softtriple_triton import _common, cpu, cpu_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,3 +305,75 @@ def test_autograd_modes_match_oracle(impl, mode):
 
     for a, b in zip(grads("torch"), grads("reference")):
         assert rel_err(a, b) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------ native embedding normalisation
+def _row_cases(dtype):
+    """Rows of every kind: ordinary, huge (squares overflow the dtype), one huge entry, zero, clamped (norm < 1e-12)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 37, generator=g, dtype=torch.float64)
+    big = 1e30 if dtype == torch.float32 else 1e300
+    x[1] *= big
+    x[4, 5] = 3 * big
+    x[2] = 0.0
+    x[3] *= 1e-14
+    return x.to(dtype), [1, 4]
+
+
+def _unit_rows_oracle(x, huge_rows, dtype):
+    """F.normalize in fp64 of x (fp64), the huge rows of a ``dtype`` input first multiplied by a constant power of
+    two that brings them to O(1) (exact; the unit vector is the same), differentiable in x."""
+    scale = torch.ones(x.shape[0], 1, dtype=torch.float64)
+    scale[huge_rows] = 2.0 ** -1000 if dtype == torch.float64 else 2.0 ** -100
+    return torch.nn.functional.normalize(x * scale, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_unit_rows_match_the_formula(dtype):
+    x, huge = _row_cases(dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    xo = x.double().requires_grad_()
+    want = _unit_rows_oracle(xo, huge, dtype)
+    (want_dx,) = torch.autograd.grad(want, xo, g)
+    xn = x.clone().requires_grad_()
+    got = cpu.unit_rows_fast(xn)
+    assert type(got.grad_fn).__name__ == "_UnitRowsNativeBackward"
+    (got_dx,) = torch.autograd.grad(got, xn, g.to(dtype))
+    tol = 1e-15 if dtype == torch.float64 else 1e-7
+    assert rel_err(got, want) <= tol
+    for i in range(x.shape[0]):  # per row: the gradients' scales differ by 40 orders of magnitude across rows
+        assert rel_err(got_dx[i], want_dx[i]) <= 10 * tol, i
+    assert torch.equal(xn.detach(), x)  # the input is not modified
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_unit_rows_propagate_nan_and_inf_like_unit_rows(dtype):
+    x = torch.randn(4, 9, dtype=dtype)
+    x[1, 2] = float("nan")
+    x[2, 3] = float("inf")
+    x[3, 0] = -float("inf")
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = cpu.unit_rows_fast(a), _common.unit_rows(b)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.allclose(got[~want.isnan()], want[~want.isnan()])
+    g = torch.randn_like(x)
+    (ga,), (gb,) = torch.autograd.grad(got, a, g), torch.autograd.grad(want, b, g)
+    assert torch.equal(ga.isnan(), gb.isnan()) and torch.allclose(ga[~gb.isnan()], gb[~gb.isnan()])
+
+
+def _graph_names(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in seen:
+            seen.add(type(fn).__name__)
+            todo += [f for f, _ in fn.next_functions]
+    return seen
+
+
+def test_the_loss_normalises_embeddings_by_the_c_kernels(impl):
+    x, w, y = make_inputs(6, 5, 4, 2, dtype=torch.float32)
+    loss = st.softtriple_loss(x.clone().requires_grad_(), w, y, 2, backend="torch")
+    assert ("_UnitRowsNativeBackward" in _graph_names(loss)) == (impl == "native")
+    logits = st.softtriple_logits(x.clone().requires_grad_(), w, 2, backend="torch")
+    assert ("_UnitRowsNativeBackward" in _graph_names(logits)) == (impl == "native")
