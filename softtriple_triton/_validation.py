@@ -78,6 +78,9 @@ def check_embeddings_and_centers(embeddings, fc, centers_per_class: int, what: s
         raise TypeError(f"embeddings must be fp16, bf16, fp32 or fp64, got {embeddings.dtype}")
     if embeddings.shape[0] == 0 and what == "loss":
         raise ValueError("embeddings has 0 rows: the loss of an empty batch is undefined")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings has 0 columns: the embedding size must be at least 1 (embeddings is "
+                         "[batch, embedding_size])")
     if embeddings.shape[1] != fc.shape[0]:
         raise ValueError(f"embeddings width {embeddings.shape[1]} does not match fc height {fc.shape[0]} "
                          f"(fc is [embedding_size, num_classes * centers_per_class])")

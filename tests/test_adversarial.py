@@ -558,6 +558,7 @@ BAD = {
     "embeddings_3d": (dict(x=x0[None]), ValueError, "embeddings must be 2-D \\[batch, embedding_size\\]"),
     "embeddings_sparse_csr": (dict(x=x0_csr), TypeError, "embeddings must be a dense \\(strided\\)"),
     "embeddings_empty": (dict(x=x0[:0], y=y0[:0]), ValueError, "0 rows: the loss of an empty batch is undefined"),
+    "embeddings_no_columns": (dict(x=x0[:, :0], w=w0[:0]), ValueError, "embeddings has 0 columns"),
     "width_mismatch": (dict(x=x0[:, :5]), ValueError, "embeddings width 5 does not match fc height 8"),
     "fc_columns": (dict(w=w0[:, :7]), ValueError, "fc has 7 columns, which is not a positive multiple"),
     "fc_int": (dict(w=w0.int()), TypeError, "fc must be fp16, bf16, fp32 or fp64"),
