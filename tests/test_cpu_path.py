@@ -377,3 +377,33 @@ def test_the_loss_normalises_embeddings_by_the_c_kernels(impl):
     assert ("_UnitRowsNativeBackward" in _graph_names(loss)) == (impl == "native")
     logits = st.softtriple_logits(x.clone().requires_grad_(), w, 2, backend="torch")
     assert ("_UnitRowsNativeBackward" in _graph_names(logits)) == (impl == "native")
+
+
+# ------------------------------------------------------------------------------------ fused centre-gradient product
+@pytest.mark.parametrize("shape", [(37, 13, 11, 3), (300, 70, 9, 8), (5, 6, 70, 1), (64, 96, 40, 2)],
+                         ids=["odd", "N>tile", "K1", "even"])
+@pytest.mark.parametrize("chunks", ["one", "many"])
+def test_fp32_centre_gradient_matches_the_oracle(shape, chunks, budget):
+    """fp32 (the fused product where AVX-512 is there) against the fp64 oracle on the same rounded inputs, for tails
+    in every dimension, one chunk or several, loss and logits."""
+    N, d, C, K = shape
+    if chunks == "many":
+        budget(chunk_bytes=N * K * 4 * 3)  # three classes per chunk
+    x, w, y = make_inputs(N, d, C, K, dtype=torch.float32, seed=7)
+    got = loss_and_grads(_loss("torch", y, K), x, w)
+    want = loss_and_grads(_loss("reference", y, K), x.double(), w.double())
+    assert rel_err(got[0], want[0]) <= 1e-5
+    assert rel_err(got[1], want[1]) <= 1e-5 and rel_err(got[2], want[2]) <= 1e-5
+    g = torch.randn(N, C, generator=torch.Generator().manual_seed(8))
+    got = loss_and_grads(lambda a, b: _logits("torch", K)(a, b) * g, x, w)
+    want = loss_and_grads(lambda a, b: _logits("reference", K)(a, b) * g.double(), x.double(), w.double())
+    assert rel_err(got[2], want[2]) <= 1e-5
+
+
+def test_fused_centre_product_is_used_where_available():
+    x, w, y = make_inputs(8, 16, 5, 2, dtype=torch.float32)
+    ops = cpu._chunks_for(x, w, 2, 0.1, True)
+    lib = cpu_native.library()
+    assert isinstance(ops, cpu._NativeChunks)
+    assert ops.fused_center == cpu_native.has_vgrad(lib)
+    assert cpu._chunks_for(x.double(), w.double(), 2, 0.1, True).fused_center is False
