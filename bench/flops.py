@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import softtriple_triton as st  # noqa: E402
-from softtriple_triton import cpu_native, fused  # noqa: E402
+from softtriple_triton import fused  # noqa: E402
 
 # (label, N, d, C, K): the GPU target shapes of issue 10 with d = 64 (and N = 256 for C*K = 100k)
 SHAPES = [
@@ -55,8 +55,7 @@ def _mode() -> FlopCounterMode:
 
 
 class MatrixWork(contextlib.ContextDecorator):
-    """Counts the matrix FLOPs executed inside the block: ``triton`` (interpreted tl.dot) and ``torch`` (torch
-    products and the torch backend's fused C product)."""
+    """Counts the matrix FLOPs executed inside the block: ``triton`` (interpreted tl.dot) and ``torch``."""
 
     def __enter__(self):
         from triton.runtime import interpreter
@@ -80,13 +79,6 @@ class MatrixWork(contextlib.ContextDecorator):
             real = getattr(fused, name)
             self._wrapped[name] = real
             setattr(fused, name, self._counted(real))
-        # the torch backend's fused centre-gradient product (a C kernel on CPU, fp32): 2 N d Mc per call
-        self._vgrad = cpu_native.vgrad_
-
-        def counting_vgrad(lib, x, dT, *args):
-            self.torch += 2 * x.shape[0] * x.shape[1] * dT.shape[0]
-            return self._vgrad(lib, x, dT, *args)
-        cpu_native.vgrad_ = counting_vgrad
         self._outer = _mode()
         self._outer.__enter__()
         return self
@@ -104,7 +96,6 @@ class MatrixWork(contextlib.ContextDecorator):
         self.torch += self._outer.get_total_flops()
         for name, real in self._wrapped.items():
             setattr(fused, name, real)
-        cpu_native.vgrad_ = self._vgrad
         del self._builder.create_dot  # back to the class's method
         return False
 

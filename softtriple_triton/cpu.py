@@ -244,10 +244,6 @@ class _TorchChunks:
         if a is not None:
             _give(a)
 
-    def center_product(self, ds: Tensor, cols: slice, V: Tensor) -> None:
-        """V[:, cols] = x^T @ ds (the centre gradient before the normalisation's correction)."""
-        torch.mm(self.xa.t(), ds, out=V[:, cols])
-
     def centers_grad(self, V: Tensor) -> Tensor:
         """Through the column normalisation rw = 1/||w||: dw = V - w rw^2 (w . V), V = x^T @ (ds * rw). When rw^2
         may leave the normal range (column norms beyond ~1e19 in fp32) w is normalised before the product instead:
@@ -270,8 +266,6 @@ class _NativeChunks(_TorchChunks):
         self.rw = cpu_native.inv_norms(lib, wa)
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
         self.coef: Tensor | None = None
-        # fp32 with AVX-512: the centre-gradient product applies the correction itself (st_vgrad)
-        self.fused_center = xa.dtype == torch.float32 and xa.is_contiguous() and cpu_native.has_vgrad(lib)
 
     def forward(self, c0, c1, keep, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
         N, K, m = self.xa.shape[0], self.K, c1 - c0
@@ -302,19 +296,8 @@ class _NativeChunks(_TorchChunks):
             if buf is not None:
                 _give(buf.view(-1))
 
-    def center_product(self, ds: Tensor, cols: slice, V: Tensor) -> None:
-        """With ``fused_center``: V[:, cols] = x^T @ ds - (w rw) coef in one pass (ds = the chunk's u^T, transposed
-        view; its coefficients are known once grad ran), else the product alone."""
-        if self.fused_center:
-            assert self.coef is not None, "center_product after grad"
-            cpu_native.vgrad_(self.lib, self.xa, ds.t(), self.wa[:, cols], self.rw[cols], self.coef[cols], V[:, cols])
-        else:
-            super().center_product(ds, cols, V)
-
     def centers_grad(self, V: Tensor) -> Tensor:
         assert self.coef is not None, "centers_grad after grad"
-        if self.fused_center:  # applied chunk by chunk by center_product
-            return V
         return cpu_native.center_grad_(self.lib, V, self.wa, self.rw, self.coef)
 
 
@@ -336,7 +319,7 @@ def _products(ops, ds: Tensor, c0: int, c1: int, dx: Tensor | None, V: Tensor | 
     if dx is not None:
         dx.addmm_(ds, ops.wa[:, cols].t())
     if V is not None:
-        ops.center_product(ds, cols, V)
+        torch.mm(ops.xa.t(), ds, out=V[:, cols])
     return dx
 
 

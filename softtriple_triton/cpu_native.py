@@ -35,7 +35,7 @@ import torch
 ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
 ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
 
-_VERSION = 7  # of the C source: a cached build answering another number is rebuilt
+_VERSION = 6  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
 #include <math.h>
@@ -429,128 +429,6 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
 }
 """
 
-_VGRAD = r"""
-/* ------------------------------------------------------------------------------------------------------------
-   The centre-gradient product with its correction fused into the epilogue (fp32, AVX-512 only):
-   V[:, j] = x^T ds[:, j] - (w_j rw_j) coef_j for the columns of one chunk, ds given as ds^T = the chunk [Mc, N]
-   (the backward kernel's output in place of u^T). Saves the correction's separate pass over V and w (60 MB of
-   DRAM traffic at d=512 C*K=10000). Each 64-column panel is one thread's: ds^T is transposed into a contiguous
-   [N, 64] panel (16 x 16 AVX-512 transposes), x into [d/6][N][6] panels once per call, and a 6 x 64 register tile
-   runs over the batch in order (a fixed summation order: bitwise reproducible, thread-count independent). */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define VG_R 6
-#define VG_Q 4
-#define VG_NB (16 * VG_Q)
-#define VG_PF 4
-
-int st_has_vgrad(void) { return 1; }
-
-static inline void st_tr16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    __m512 r[16], t[16];
-    for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_ps(src + k * lds);
-    for (int k = 0; k < 16; k += 2) {
-        t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
-        t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 16; k += 4) {
-        r[k] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[k]), _mm512_castps_pd(t[k + 2])));
-        r[k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[k]), _mm512_castps_pd(t[k + 2])));
-        r[k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[k + 1]), _mm512_castps_pd(t[k + 3])));
-        r[k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[k + 1]), _mm512_castps_pd(t[k + 3])));
-    }
-    for (int m = 0; m < 4; m++) {
-        __m512 a0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), a1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
-        __m512 b0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
-        __m512 b1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
-        t[m] = _mm512_shuffle_f32x4(a0, b0, 0x88);
-        t[m + 8] = _mm512_shuffle_f32x4(a0, b0, 0xDD);
-        t[m + 4] = _mm512_shuffle_f32x4(a1, b1, 0x88);
-        t[m + 12] = _mm512_shuffle_f32x4(a1, b1, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ldd, t[i]);
-}
-
-void st_vgrad_f32(int64_t N, int64_t d, int64_t M, const float* restrict x, const float* restrict dT,
-                  const float* restrict w, int64_t ldw, const float* restrict rw, const float* restrict coef,
-                  float* restrict V, int64_t ldv, int nt) {
-    const int64_t np = (M + VG_NB - 1) / VG_NB, nrp = (d + VG_R - 1) / VG_R;
-    float* xp = (float*)aligned_alloc(64, sizeof(float) * (size_t)((nrp * N * VG_R + 15) / 16 * 16 + 16));
-    #pragma omp parallel num_threads(nt) if (nt > 1 && N * d * M > 65536)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t rp = 0; rp < nrp; rp++)
-            for (int64_t i = 0; i < N; i++)
-                for (int a = 0; a < VG_R; a++) {
-                    const int64_t r = rp * VG_R + a;
-                    xp[(rp * N + i) * VG_R + a] = r < d ? x[i * d + r] : 0.0f;
-                }
-        float* dp = (float*)aligned_alloc(64, sizeof(float) * (size_t)(N * VG_NB + 16));
-        #pragma omp for schedule(static)
-        for (int64_t p = 0; p < np; p++) {
-            const int64_t j0 = p * VG_NB, nj = M - j0 < VG_NB ? M - j0 : VG_NB;
-            __mmask16 mk[VG_Q];
-            for (int q = 0; q < VG_Q; q++) {
-                const int64_t rem = nj - 16 * q;
-                mk[q] = rem >= 16 ? (__mmask16)0xFFFF : rem <= 0 ? (__mmask16)0 : (__mmask16)((1u << rem) - 1);
-            }
-            /* dp[i][jj] = ds^T[j0 + jj][i], zero beyond the chunk's columns */
-            for (int64_t jj0 = 0; jj0 < VG_NB; jj0 += 16) {
-                int64_t i0 = 0;
-                if (jj0 + 16 <= nj)
-                    for (; i0 + 16 <= N; i0 += 16) st_tr16(dT + (j0 + jj0) * N + i0, N, dp + i0 * VG_NB + jj0, VG_NB);
-                for (int64_t i = i0; i < N; i++)
-                    for (int64_t jj = jj0; jj < jj0 + 16; jj++)
-                        dp[i * VG_NB + jj] = jj < nj ? dT[(j0 + jj) * N + i] : 0.0f;
-            }
-            __m512 rv[VG_Q], cv[VG_Q];
-            for (int q = 0; q < VG_Q; q++) {
-                rv[q] = _mm512_maskz_loadu_ps(mk[q], rw + j0 + 16 * q);
-                cv[q] = _mm512_maskz_loadu_ps(mk[q], coef + j0 + 16 * q);
-            }
-            for (int64_t r0 = 0; r0 < d; r0 += VG_R) {
-                const int nr = d - r0 < VG_R ? (int)(d - r0) : VG_R;
-                if (r0 + VG_R < d)
-                    for (int a = 0; a < VG_R && r0 + VG_R + a < d; a++)
-                        for (int q = 0; q < VG_Q; q++)
-                            _mm_prefetch((const char*)(w + (r0 + VG_R + a) * ldw + j0 + 16 * q), _MM_HINT_T0);
-                __m512 c[VG_R][VG_Q];
-                for (int a = 0; a < VG_R; a++)
-                    for (int q = 0; q < VG_Q; q++) c[a][q] = _mm512_setzero_ps();
-                const float* xq = xp + (r0 / VG_R) * N * VG_R;
-                for (int64_t i = 0; i < N; i++) {
-                    __m512 b[VG_Q];
-                    for (int q = 0; q < VG_Q; q++) b[q] = _mm512_load_ps(dp + i * VG_NB + 16 * q);
-                    for (int q = 0; q < VG_Q; q++)
-                        _mm_prefetch((const char*)(dp + (i + VG_PF) * VG_NB + 16 * q), _MM_HINT_T0);
-                    const float* xr = xq + i * VG_R;
-                    for (int a = 0; a < VG_R; a++) {
-                        const __m512 av = _mm512_set1_ps(xr[a]);
-                        for (int q = 0; q < VG_Q; q++) c[a][q] = _mm512_fmadd_ps(av, b[q], c[a][q]);
-                    }
-                }
-                for (int a = 0; a < nr; a++)
-                    for (int q = 0; q < VG_Q; q++) {
-                        if (!mk[q]) continue;
-                        const __m512 wv = _mm512_maskz_loadu_ps(mk[q], w + (r0 + a) * ldw + j0 + 16 * q);
-                        const __m512 wn = _mm512_mul_ps(wv, rv[q]);  /* (w rw) coef: rw^2 alone can underflow */
-                        _mm512_mask_storeu_ps(V + (r0 + a) * ldv + j0 + 16 * q, mk[q],
-                                              _mm512_fnmadd_ps(wn, cv[q], c[a][q]));
-                    }
-            }
-        }
-        free(dp);
-    }
-    free(xp);
-}
-#else
-int st_has_vgrad(void) { return 0; }
-void st_vgrad_f32(int64_t N, int64_t d, int64_t M, const float* x, const float* dT, const float* w, int64_t ldw,
-                  const float* rw, const float* coef, float* V, int64_t ldv, int nt) { (void)N; (void)d; (void)M;
-    (void)x; (void)dT; (void)w; (void)ldw; (void)rw; (void)coef; (void)V; (void)ldv; (void)nt; }
-#endif
-"""
-
 # -fno-trapping-math lets the compiler turn the selects of exp (clamps, NaN test) into vector blends on AVX2 (without
 # it those loops stay scalar there; AVX-512 masks them either way); -ffp-contract=fast gives fused multiply-adds.
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
@@ -562,10 +440,8 @@ _state: dict = {"tried": False, "lib": None, "why": None, "build_s": None}
 
 
 def source() -> str:
-    return (_COMMON.replace("ST_VERSION", str(_VERSION))
-            + "".join(_BODY.replace("real", t).replace("_SFX", "_" + sfx)
-                      for sfx, t in (("f32", "float"), ("f64", "double")))
-            + _VGRAD)
+    return _COMMON.replace("ST_VERSION", str(_VERSION)) + "".join(_BODY.replace("real", t).replace("_SFX", "_" + sfx)
+                             for sfx, t in (("f32", "float"), ("f64", "double")))
 
 
 def _cpu_id() -> str:
@@ -658,9 +534,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
     lib.st_version.restype = cint
-    lib.st_has_vgrad.restype = cint
-    lib.st_vgrad_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, cint]
-    lib.st_vgrad_f32.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -730,20 +603,6 @@ def unit_rows_backward(lib, y: torch.Tensor, g: torch.Tensor, nc: torch.Tensor, 
     _call(lib, "unit_rows_backward", y, y.shape[0], y.shape[1], y.data_ptr(), g.data_ptr(), g.stride(0),
           nc.data_ptr(), sc.data_ptr(), dx.data_ptr())
     return dx
-
-
-def has_vgrad(lib) -> bool:
-    """Whether the build has the fused centre-gradient product (fp32, compiled for AVX-512)."""
-    return bool(lib.st_has_vgrad())
-
-
-def vgrad_(lib, x: torch.Tensor, dT: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, coef: torch.Tensor,
-           V: torch.Tensor) -> torch.Tensor:
-    """V[:, j] = x^T ds[:, j] - (w_j rw_j) coef_j, fp32, with ds^T = dT [Mc, N] contiguous, x [N, d] contiguous,
-    w and V [d, Mc] views with unit column stride (see st_vgrad_f32)."""
-    _call(lib, "vgrad", x, x.shape[0], x.shape[1], dT.shape[0], x.data_ptr(), dT.data_ptr(), w.data_ptr(),
-          w.stride(0), rw.data_ptr(), coef.data_ptr(), V.data_ptr(), V.stride(0))
-    return V
 
 
 def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
