@@ -595,9 +595,9 @@ class _UnitRowsNative(torch.autograd.Function):
     must be differentiable (create_graph=True) differentiates unit_rows itself instead."""
 
     @staticmethod
-    def forward(ctx, x):
-        lib = cpu_native.library()
+    def forward(ctx, x, lib):
         y, ctx.nc, ctx.sc = cpu_native.unit_rows(lib, x)
+        ctx.lib = lib
         ctx.save_for_backward(x, y)
         return y
 
@@ -606,21 +606,22 @@ class _UnitRowsNative(torch.autograd.Function):
         x, y = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: a differentiable gradient, of the same function
             with torch.enable_grad():
-                return torch.autograd.grad(unit_rows(x), x, g, create_graph=True)[0]
-        return cpu_native.unit_rows_backward(cpu_native.library(), y, g.contiguous(), ctx.nc, ctx.sc)
+                return torch.autograd.grad(unit_rows(x), x, g, create_graph=True)[0], None
+        return cpu_native.unit_rows_backward(ctx.lib, y, g.contiguous(), ctx.nc, ctx.sc), None
 
 
 def unit_rows_fast(x: Tensor) -> Tensor:
-    """unit_rows(x) with the C kernels where they apply (a CPU fp32/fp64 2-d tensor, plain eager autograd: no
-    torch.func transform, forward-mode level or torch.compile trace), else unit_rows itself."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2 or x.is_sparse
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or forward_ad._current_level >= 0 or cpu_native.library() is None):
+    """unit_rows(x) with the C kernels where they apply (where the chunk kernels do, for a 2-d dense tensor under
+    plain eager autograd: no torch.func transform or forward-mode level), else unit_rows itself."""
+    plain = (x.dim() == 2 and not x.is_sparse and not torch._C._are_functorch_transforms_active()
+             and forward_ad._current_level < 0)
+    lib = _native_lib(x, 1) if plain else None
+    if lib is None:
         return unit_rows(x)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
-        return _UnitRowsNative.apply(x)
-    return cpu_native.unit_rows(cpu_native.library(), x)[0]
+        return _UnitRowsNative.apply(x, lib)
+    return cpu_native.unit_rows(lib, x)[0]
 
 
 def _want_cache(x: Tensor, w: Tensor) -> bool:
