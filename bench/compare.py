@@ -28,7 +28,7 @@ import providers as P  # noqa: E402
 import softtriple_triton.functional as F_  # noqa: E402
 from grids import grid  # noqa: E402
 from softtriple_triton._common import unit_rows  # noqa: E402
-from timing import Clock, floor_sampler, step_sampler, time_interleaved  # noqa: E402
+from timing import Clock, floor_sampler, steady_allocator, step_sampler, time_interleaved  # noqa: E402
 
 POLICY = dict(min_reps=7, max_reps=40, slow_reps=3, target_s=1.5, cap_s=30.0)
 
@@ -80,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="CSV file for the results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    alloc = steady_allocator()
     ref = load_ref_cpu(args.ref)
     new_rows, new_norm = F_.torch_loss_rows, F_.unit_rows_fast
     ref_norm = getattr(ref, "unit_rows_fast", unit_rows)
@@ -88,7 +89,7 @@ def main(argv=None):
         cases = [c for c in cases if c.sweep == "target"]
     load0 = os.getloadavg()
     print(f"[compare] ref={args.ref} vs working tree, {torch.get_num_threads()} threads, {len(cases)} cases, "
-          f"load {load0[0]:.2f} {load0[1]:.2f}", flush=True)
+          f"load {load0[0]:.2f} {load0[1]:.2f}, {alloc}", flush=True)
     header = f"{'case':<34} {'ref':>9} {'new':>9} {'new/ref':>8} {'floor':>9} {'ref/fl':>7} {'new/fl':>7}"
     print(header + (f" {'compile':>9} {'cmp/new':>8}" if args.compile else ""), flush=True)
     lines = ["case,ref_ms,new_ms,floor_ms,compile_ms,load1_start,load1_end"]

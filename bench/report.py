@@ -162,6 +162,8 @@ def write_summary(df, env, out, size, wall_s, prof=None, warning=None):
          + ("" if cuda else " (CPU; the Triton interpreter is never benchmarked)") + ". "
          "Times are medians of a training step (forward builds the graph; backward fills both gradients), all "
          "providers of a case timed in one interleaved run (round robin, rotated order). "
+         + (f"Heap: {env['allocator']} (steady-state allocation, as in a training loop; the median minor page faults "
+            "of a step are in results.csv). " if env.get("allocator") else "") +
          "The GEMM floor is the three products X@W, G@W^T, X^T@G alone (torch.matmul). "
          "Baselines with a predicted peak over the memory budget or a predicted step over the time cap are "
          "recorded as `oom-predicted` / `over-time-cap-predicted`, not run.", "",

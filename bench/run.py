@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import providers as P  # noqa: E402
 from grids import TARGET_CPU, grid  # noqa: E402
-from timing import Clock, floor_sampler, step_sampler, time_interleaved  # noqa: E402
+from timing import Clock, floor_sampler, steady_allocator, step_sampler, time_interleaved  # noqa: E402
 
 POLICIES = {  # repeats: at least min_reps, then until target_s of timing per provider, at most max_reps
     "smoke": dict(min_reps=1, max_reps=1, slow_reps=1, target_s=0.0, cap_s=30.0),
@@ -121,7 +121,7 @@ def row(env, case: P.Case, provider, mode, metric, value, status="ok", **kw) -> 
              dtype=case.dtype, tau=case.tau, provider=provider, mode=mode, metric=metric, value=value,
              p20=kw.get("p20"), p80=kw.get("p80"), n_repeats=kw.get("n_repeats"), status=status,
              check=kw.get("check", ""), check_rel_err=kw.get("check_rel_err"),
-             predicted_bytes=kw.get("predicted_bytes"), note=kw.get("note", ""))
+             predicted_bytes=kw.get("predicted_bytes"), minor_faults=kw.get("minor_faults"), note=kw.get("note", ""))
     return r
 
 
@@ -200,7 +200,8 @@ def run_case(case: P.Case, env, args, policy, gflops, log, rows: list) -> list[d
             st = modes[mode] if modes else {"value": float("nan")}
             rows.append(row(env, case, prov, mode, "time_s", st["value"], status, p20=st.get("p20"),
                             p80=st.get("p80"), n_repeats=st.get("n_repeats"), check=check, check_rel_err=cerr,
-                            predicted_bytes=pred, note="interleaved with the other providers of this case"))
+                            predicted_bytes=pred, minor_faults=res.get("faults"),
+                            note="interleaved with the other providers of this case"))
         if prov in ("compile", "ours") and res.get("first_s") is not None:
             rows.append(row(env, case, prov, "fwd+bwd", "first_call_s", res["first_s"], status,
                             note="first call in this process (torch.compile: incl. compilation)"))
@@ -365,6 +366,7 @@ def main(argv=None) -> str:
     args = parse(argv)
     torch.set_num_threads(args.threads or n_cores())
     env = environment(args.device)
+    env["allocator"] = steady_allocator()
     # the default grid owns results/<device-tag> (the committed results); other sizes get their own folder so a
     # --smoke or --quick run never overwrites them
     tag = env["device_tag"] + ("" if args.size == "default" else f"-{args.size}")

@@ -35,7 +35,7 @@ import torch
 ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
 ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
 
-_VERSION = 6  # of the C source: a cached build answering another number is rebuilt
+_VERSION = 7  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
 #include <math.h>
@@ -95,11 +95,50 @@ static inline double st_exp_f64(double x) {
     return p * s1 * s2;
 }
 
+/* exp(x) for x in [-87, 0] (fp32) / [-708, 0] (fp64) or NaN, as st_exp but without the clamps and with 2^n as one
+   factor (the result is a normal number): the inner softmax with the constant shift, whose argument
+   t - 1/gamma lies in [-2/gamma, 0] with gamma >= 2/80 (fp32) / 2/700 (fp64), or is NaN (see _bounded). */
+static inline float st_expb_f32(float x) {
+    float kf = x * 1.44269504088896341f + 12582912.0f;
+    uint32_t kb;
+    memcpy(&kb, &kf, 4);
+    float n = kf - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.0f / 5040.0f;
+    for (int k = 6; k >= 0; k--) p = p * r + (float)ST_INV_FACTORIAL[k];
+    uint32_t b = (kb - 0x4B400000u + 127u) << 23;           /* 2^n, n in [-116, 1] */
+    float sc;
+    memcpy(&sc, &b, 4);
+    return p * sc;
+}
+
+static inline double st_expb_f64(double x) {
+    double kf = x * 1.4426950408889634 + 6755399441055744.0;
+    uint64_t kb;
+    memcpy(&kb, &kf, 8);
+    double n = kf - 6755399441055744.0;
+    double r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    double p = ST_INV_FACTORIAL[14];
+    for (int k = 13; k >= 0; k--) p = p * r + ST_INV_FACTORIAL[k];
+    uint64_t b = (kb - 0x4338000000000000ull + 1023ull) << 52;  /* 2^n, n in [-1011, 1] */
+    double sc;
+    memcpy(&sc, &b, 8);
+    return p * sc;
+}
+
 int st_version(void) { return ST_VERSION; }
 
 void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
 void st_exp_f64_array(int64_t n, const double* x, double* y) {
     for (int64_t i = 0; i < n; i++) y[i] = st_exp_f64(x[i]);
+}
+void st_expb_f32_array(int64_t n, const float* x, float* y) {
+    for (int64_t i = 0; i < n; i++) y[i] = st_expb_f32(x[i]);
+}
+void st_expb_f64_array(int64_t n, const double* x, double* y) {
+    for (int64_t i = 0; i < n; i++) y[i] = st_expb_f64(x[i]);
 }
 """
 
@@ -244,7 +283,7 @@ static inline void st_class_SFX(int64_t N, int64_t K, int64_t ni, const real* re
                 for (int64_t i = 0; i < ni; i += 64 / sizeof(real)) __builtin_prefetch(next + k * N + i, 1, 3);
             for (int64_t i = 0; i < ni; i++) {
                 real t = uk[i] * f;
-                real e = st_exp_SFX(t - inv_gamma);
+                real e = st_expb_SFX(t - inv_gamma);
                 tk[i] = t;
                 ek[i] = e;
                 DEN[i] += e;
@@ -529,6 +568,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, real, ptr,
                                                        i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
+        getattr(lib, f"st_expb_{sfx}_array").argtypes = [i64, ptr, ptr]
         getattr(lib, f"st_unit_rows_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, cint]
         getattr(lib, f"st_unit_rows_backward_{sfx}").argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, cint]
         for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward"):

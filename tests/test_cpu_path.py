@@ -70,6 +70,24 @@ def test_native_exp_within_one_ulp(dtype):
     assert torch.isnan(y[-3]) and y[-2] == float("inf") and y[-1] == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bounded_exp_is_the_exp_on_its_range(dtype):
+    """st_expb (the inner softmax's exp under the constant shift: no clamps, 2^n as one factor) equals st_exp bit for
+    bit on the arguments the shift allows, t - 1/gamma in [-2/gamma, 0] at the smallest gamma (cpu._bounded), a little
+    beyond for rounding, and propagates NaN."""
+    lib = cpu_native.library()
+    sfx = "f32" if dtype == torch.float32 else "f64"
+    lo = -2.0 / cpu._MIN_GAMMA_FOR_CONSTANT_SHIFT[dtype] * (1 + 1e-3)
+    x = torch.cat([torch.linspace(lo, 1e-3, 400_001, dtype=torch.float64).to(dtype),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("nan")], dtype=dtype)])
+    y, yb = torch.empty_like(x), torch.empty_like(x)
+    getattr(lib, f"st_exp_{sfx}_array")(x.numel(), x.data_ptr(), y.data_ptr())
+    getattr(lib, f"st_expb_{sfx}_array")(x.numel(), x.data_ptr(), yb.data_ptr())
+    assert torch.isnan(yb[-1])
+    assert torch.equal(y[:-1], yb[:-1])
+    assert bool((yb[:-1] >= torch.finfo(dtype).tiny).all())  # normal numbers, as the single 2^n factor needs
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-class-chunks", "few-class-chunks", "one-chunk"])
 @pytest.mark.parametrize("cache_bytes", [0, 200_000, 1 << 30], ids=["recompute", "cache-u-only", "cache"])
 def test_both_implementations_match_oracle(impl, budget, chunk_bytes, cache_bytes):
