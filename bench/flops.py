@@ -3,7 +3,9 @@
 
 Counted: every tl.dot that Triton's interpreter executes (its operand shapes, padded lanes and rows included:
 the work a GPU does) plus every torch matrix product (torch.utils.flop_counter.FlopCounterMode, also inside the
-custom ops' implementations, which an outer FlopCounterMode does not see). The Triton backend runs with the launch
+custom ops' implementations, which an outer FlopCounterMode does not see) and every product the torch backend's
+C kernels call from torch's BLAS (cpu_native.forward_fused / backward_fused, counted from their shapes; under
+"torch"). The Triton backend runs with the launch
 plan of a GPU target (tiles and splits of an H200 by default: kernels.target.simulate(..., record=False)).
 
     TRITON_INTERPRET=1 python bench/flops.py          # the table -> bench/results/gemm_equivalents.md (+ .csv)
@@ -27,7 +29,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import softtriple_triton as st  # noqa: E402
-from softtriple_triton import fused  # noqa: E402
+from softtriple_triton import cpu_native, fused  # noqa: E402
 
 # (label, N, d, C, K): the GPU target shapes of issue 10 with d = 64 (and N = 256 for C*K = 100k)
 SHAPES = [
@@ -79,9 +81,23 @@ class MatrixWork(contextlib.ContextDecorator):
             real = getattr(fused, name)
             self._wrapped[name] = real
             setattr(fused, name, self._counted(real))
+        self._native = {}
+        for name, products in (("forward_fused", lambda a: 1),
+                               ("backward_fused", lambda a: (a[18] is not None) + (a[19] is not None))):
+            real = getattr(cpu_native, name)
+            self._native[name] = real
+            setattr(cpu_native, name, self._counted_native(real, products))
         self._outer = _mode()
         self._outer.__enter__()
         return self
+
+    def _counted_native(self, fn, products):
+        def run(*args):  # (lib, gemm, x [N, d], w, rw, ..., m = args[6 or 5], K = next): products of 2 N d m K
+            N, d = args[2].shape
+            m, K = (args[7], args[8]) if fn.__name__ == "forward_fused" else (args[6], args[7])
+            self.torch += products(args) * 2 * N * d * m * K
+            return fn(*args)
+        return run
 
     def _counted(self, fn):
         def run(*args, **kwargs):  # inside a custom op the outer mode is inactive: count with an inner one
@@ -96,6 +112,8 @@ class MatrixWork(contextlib.ContextDecorator):
         self.torch += self._outer.get_total_flops()
         for name, real in self._wrapped.items():
             setattr(fused, name, real)
+        for name, real in self._native.items():
+            setattr(cpu_native, name, real)
         del self._builder.create_dot  # back to the class's method
         return False
 

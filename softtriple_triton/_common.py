@@ -21,8 +21,9 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def no_autocast(device: torch.device):
-    """Autocast disabled for ``device`` (a no-op where the device type has no autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
+    """Autocast disabled for ``device`` (a no-op where the device type has no autocast, e.g. meta, or where it is
+    not enabled now)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -8,6 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import cpu_native
 from ._common import TRITON_MAX_CENTERS_PER_CLASS, check_interpreter_mode, interpreting
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -25,7 +26,21 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+_HYPER_OK: set = set()  # argument tuples (of plain Python scalars and strings) that passed check_hyper
+
+
 def check_hyper(centers_per_class, la, gamma, tau, margin, reduction, backend, normalize_embeddings=True) -> None:
+    args = (centers_per_class, la, gamma, tau, margin, reduction, backend, normalize_embeddings)
+    key = tuple((type(a), a) for a in args)
+    plain = all(type(a) in (int, float, str, bool) for a in args)
+    if plain and key in _HYPER_OK:  # a training loop passes the same values every step
+        return
+    _check_hyper(*args)
+    if plain and len(_HYPER_OK) < 1024:
+        _HYPER_OK.add(key)
+
+
+def _check_hyper(centers_per_class, la, gamma, tau, margin, reduction, backend, normalize_embeddings) -> None:
     check_positive_int("centers_per_class", centers_per_class)
     if not _is_real(la) or not math.isfinite(la) or la <= 0:
         raise ValueError(f"la must be a finite number > 0 (the paper uses 20), got {la!r}")
@@ -104,11 +119,19 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> Tens
         raise ValueError(f"labels must have shape ({n},) to match embeddings, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but embeddings is on {device}")
-    labels = labels.to(torch.int64).contiguous()
+    if labels.dtype != torch.int64 or not labels.is_contiguous():
+        labels = labels.to(torch.int64).contiguous()
     if labels.device.type == "meta":  # no values to check
         return labels
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         plain = _plain(labels)  # under torch.func.vmap: all the batch's labels
+        lib = cpu_native.loaded()  # one C loop instead of four small operations (when the kernels are loaded)
+        if lib is not None and plain.dtype == torch.int64 and plain.is_contiguous() and not plain.is_sparse:
+            i = cpu_native.labels_bad(lib, plain, num_classes)
+            if i >= 0:
+                raise ValueError(f"labels must be in [0, {num_classes}) (num_classes = fc.shape[1] // "
+                                 f"centers_per_class); found {plain.view(-1)[i].item()}")
+            return labels
         in_range = (plain >= 0) & (plain < num_classes)
         if not bool(in_range.all()):
             bad = plain[~in_range][0].item()

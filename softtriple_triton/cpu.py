@@ -210,6 +210,20 @@ class _TorchChunks:
         self.rw_g = self.rw / gamma
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
 
+    def loss_state(self, N: int):
+        """The running (max, sum of exp, target logit) of the rows over the chunks (from no chunk)."""
+        xa = self.xa
+        return (torch.full((N,), float("-inf"), dtype=xa.dtype, device=xa.device),
+                torch.zeros((N,), dtype=xa.dtype, device=xa.device),
+                torch.zeros((N,), dtype=xa.dtype, device=xa.device))
+
+    def loss_rows(self, state):
+        """(loss rows, log-sum-exp) from the state after the last chunk."""
+        m_run, l_run, zt = state
+        log_l = torch.log(l_run)
+        # (max - z_target) + log(sum): a loss near 0 keeps its relative precision
+        return (m_run - zt) + log_l, m_run + log_l
+
     def forward(self, c0, c1, keep: bool, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
         """Classes c0..c1: (z [N, m] for the loss (labels given), else None; when ``keep``, what the backward needs
         of the chunk (here the factor a, an N x m*K buffer), else None). Merges z into the running (max, sum of exp,
@@ -228,17 +242,21 @@ class _TorchChunks:
             m_run.copy_(m_new)
         return z, a
 
-    def grad(self, a, c0, c1, z=None, lse=None, gla=None, labels=None, dS=None) -> Tensor:
+    def grad(self, a, c0, c1, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> Tensor:
         """dL/du [N, m*K] in place of the factor: loss mode gS = g la (softmax(z) - onehot), logits mode dS."""
         N, m = self.xa.shape[0], c1 - c0
         if dS is None:
             gS = torch.exp(z - lse.unsqueeze(1))
             idx, own = _label_index(labels, c0, c1)
             gS.view(-1)[idx] -= own.to(gS.dtype)
-            gS.mul_(gla.unsqueeze(1))
+            gS.mul_((g * la).unsqueeze(1))
         else:
             gS = dS[:, c0:c1]
         return a.view(N, m, self.K).mul_(gS.unsqueeze(2)).view(N, -1).mul_(self.rw[c0 * self.K:c1 * self.K])
+
+    def grad_products(self, a, c0, c1, z, lse, g, la, labels, dS, dx, V) -> None:
+        """dL/du of the chunk (ops.grad), then dx (=, first chunk; +=) dL/du w_chunk^T and V[:, chunk] = x^T dL/du."""
+        _products(self, self.grad(a, c0, c1, z=z, lse=lse, g=g, la=la, labels=labels, dS=dS), c0, c1, dx, V)
 
     def release(self, a, z) -> None:
         if a is not None:
@@ -263,33 +281,69 @@ class _NativeChunks(_TorchChunks):
         self.xa, self.wa, self.K, self.gamma, self.bounded, self.lib = xa, wa, K, gamma, bounded, lib
         if wa.stride(1) != 1:
             self.wa = wa = wa.contiguous()
-        self.rw = cpu_native.inv_norms(lib, wa)
+        # the products from C (BLAS gemm torch links, one call per chunk with its pass): no torch dispatch and no
+        # Python between a product and its pass, each of which costs ~0.1 ms right after a large product here
+        self.gemm = cpu_native.blas_gemm(lib, xa.dtype)
+        if self.gemm is not None and xa.stride(1) != 1:
+            self.xa = xa = xa.contiguous()
+        self.rw = torch.empty(wa.shape[1], dtype=wa.dtype)
+        if self.gemm is None:  # else the first chunk's forward call computes them
+            self.rw = cpu_native.inv_norms(lib, wa)
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
         self.coef: Tensor | None = None
+        self.corrected = False  # V went through the centre-gradient correction in the last chunk's backward call
+
+    def loss_state(self, N: int):
+        """[4, N]: the running (max, sum of exp, target logit) over the chunks, started by the first chunk's kernel,
+        and the log-sum-exp; and the loss rows [N]; both written by the last chunk's kernel."""
+        return (torch.empty((4, N), dtype=self.xa.dtype), torch.empty(N, dtype=self.xa.dtype))
+
+    def loss_rows(self, state):
+        return state[1], state[0][3]
 
     def forward(self, c0, c1, keep, labels=None, la=0.0, margin=0.0, state=None, S_out=None):
         N, K, m = self.xa.shape[0], self.K, c1 - c0
         u = _take(N * m * K, self.xa.dtype, self.xa.device)
-        uT = torch.mm(self.wa[:, c0 * K:c1 * K].t(), self.xa.t(), out=u.view(m * K, N))
         z = _take(N * m, self.xa.dtype, self.xa.device).view(m, N) if labels is not None else None
-        m_run, l_run, zt = state if state is not None else (None, None, None)
-        cpu_native.forward_chunk(self.lib, uT, self.rw[c0 * K:c1 * K], m, K, self.gamma, self.bounded, c0, la=la,
-                                 margin=margin, labels=labels, z=z, S_out=None if S_out is None else S_out[:, c0:],
-                                 m_run=m_run, l_run=l_run, zt=zt)
+        run, rows, lse = None, None, None
+        if state is not None:
+            run = state[0]
+            if c1 * K == self.wa.shape[1]:  # the last chunk writes the rows and the log-sum-exp
+                rows, lse = state[1], run[3]
+        S_part = None if S_out is None else S_out[:, c0:]
+        if self.gemm is not None:
+            cpu_native.forward_fused(self.lib, self.gemm, self.xa, self.wa, self.rw, c0 == 0, u, m, K, self.gamma,
+                                     self.bounded, c0, la, margin, labels, z, S_part, run, rows, lse)
+            uT = u.view(m * K, N)
+        else:
+            uT = torch.mm(self.wa[:, c0 * K:c1 * K].t(), self.xa.t(), out=u.view(m * K, N))
+            cpu_native.forward_chunk(self.lib, uT, self.rw[c0 * K:c1 * K], m, K, self.gamma, self.bounded, c0, la=la,
+                                     margin=margin, labels=labels, z=z, S_out=S_part, state=run, rows=rows, lse=lse)
         if not keep:
             _give(u)
             return z, None
         return z, u
 
-    def grad(self, u, c0, c1, z=None, lse=None, gla=None, labels=None, dS=None) -> Tensor:
+    def grad(self, u, c0, c1, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> Tensor:
         N, K, m = self.xa.shape[0], self.K, c1 - c0
         if self.coef is None:
             self.coef = torch.empty(self.wa.shape[1], dtype=self.wa.dtype)
         cols = slice(c0 * K, c1 * K)
         uT = u.view(m * K, N)
         cpu_native.backward_chunk(self.lib, uT, self.rw[cols], m, K, self.gamma, self.bounded, self.coef[cols], c0,
-                                  z=z, lse=lse, g=gla, la=1.0, labels=labels, dS=None if dS is None else dS[:, c0:])
+                                  z=z, lse=lse, g=g, la=la, labels=labels, dS=None if dS is None else dS[:, c0:])
         return uT.t()
+
+    def grad_products(self, a, c0, c1, z, lse, g, la, labels, dS, dx, V) -> None:
+        if self.gemm is None:
+            return super().grad_products(a, c0, c1, z, lse, g, la, labels, dS, dx, V)
+        if self.coef is None:
+            self.coef = torch.empty(self.wa.shape[1], dtype=self.wa.dtype)
+        last = c1 * self.K == self.wa.shape[1]
+        cpu_native.backward_fused(self.lib, self.gemm, self.xa, self.wa, self.rw, a, c1 - c0, self.K, self.gamma,
+                                  self.bounded, c0, z, lse, g, la, labels, None if dS is None else dS[:, c0:],
+                                  self.coef, dx, V, last)
+        self.corrected = V is not None and last
 
     def release(self, u, z) -> None:
         for buf in (u, z):
@@ -297,13 +351,22 @@ class _NativeChunks(_TorchChunks):
                 _give(buf.view(-1))
 
     def centers_grad(self, V: Tensor) -> Tensor:
+        if self.corrected:
+            self.corrected = False
+            return V
         assert self.coef is not None, "centers_grad after grad"
         return cpu_native.center_grad_(self.lib, V, self.wa, self.rw, self.coef)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype), without the call when it is already that dtype (each torch call costs ~0.1 ms here right after a
+    large product: the dispatcher's code and data are out of cache)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _chunks_for(x: Tensor, w: Tensor, K: int, gamma: float, x_normalized: bool):
     acc = acc_dtype(x.dtype, w.dtype)
-    xa, wa = x.to(acc), w.to(acc)
+    xa, wa = _as(x, acc), _as(w, acc)
     bounded = _bounded(x_normalized, gamma, acc)
     lib = _native_lib(xa, K)
     if lib is None:
@@ -312,11 +375,14 @@ def _chunks_for(x: Tensor, w: Tensor, K: int, gamma: float, x_normalized: bool):
 
 
 def _products(ops, ds: Tensor, c0: int, c1: int, dx: Tensor | None, V: Tensor | None):
-    """dx += ds @ w_chunk^T, V[:, chunk] = x^T @ ds (each skipped when None). (Accumulating dx^T = w_chunk @ ds^T
-    instead, both operands row-major as they lie, is faster with cold operands alone, 9.4 vs 9.8 ms at N=256 d=512
-    C*K=10000, but 0.4 ms slower inside a step, its transposing copy included.)"""
+    """dx (=, the first chunk; += after) ds @ w_chunk^T, V[:, chunk] = x^T @ ds (each skipped when None).
+    (Accumulating dx^T = w_chunk @ ds^T instead, both operands row-major as they lie, is faster with cold operands
+    alone, 9.4 vs 9.8 ms at N=256 d=512 C*K=10000, but 0.4 ms slower inside a step, its transposing copy
+    included.)"""
     cols = slice(c0 * ops.K, c1 * ops.K)
-    if dx is not None:
+    if dx is not None and c0 == 0:
+        torch.mm(ds, ops.wa[:, cols].t(), out=dx)
+    elif dx is not None:
         dx.addmm_(ds, ops.wa[:, cols].t())
     if V is not None:
         torch.mm(ops.xa.t(), ds, out=V[:, cols])
@@ -342,11 +408,7 @@ def _run_forward(ops, labels, la, margin, want_cache: bool, S_out=None):
     C = M // ops.K
     # the cache: per chunk an N x m*K buffer (torch: the factor a; native: u) and the logits z (loss mode)
     keep = want_cache and N * (M + (C if labels is not None else 0)) * xa.element_size() <= _config["cache_bytes"]
-    state = None
-    if labels is not None:
-        state = (torch.full((N,), float("-inf"), dtype=xa.dtype, device=xa.device),
-                 torch.zeros((N,), dtype=xa.dtype, device=xa.device),
-                 torch.zeros((N,), dtype=xa.dtype, device=xa.device))
+    state = ops.loss_state(N) if labels is not None else None
     cached = []
     for c0, c1 in _chunks(C, ops.step):
         z, a = ops.forward(c0, c1, keep, labels, la, margin, state, S_out)
@@ -358,10 +420,7 @@ def _run_forward(ops, labels, la, margin, want_cache: bool, S_out=None):
     if labels is None:
         return None, None, cached
     assert state is not None
-    m_run, l_run, zt = state
-    log_l = torch.log(l_run)
-    # (max - z_target) + log(sum): a loss near 0 keeps its relative precision
-    return (m_run - zt) + log_l, m_run + log_l, cached
+    return (*ops.loss_rows(state), cached)
 
 
 def _run_backward(ops, cached, need_x: bool, need_w: bool, labels=None, la=0.0, margin=0.0, lse=None, g=None,
@@ -369,13 +428,15 @@ def _run_backward(ops, cached, need_x: bool, need_w: bool, labels=None, la=0.0, 
     """dx and dw (None where not needed) from the cache (consumed in place) or recomputing every chunk."""
     M = ops.wa.shape[1]
     C = M // ops.K
-    gla = None if g is None else (g.to(ops.xa.dtype) * la).contiguous()
-    dS = None if dS is None else dS.to(ops.xa.dtype).contiguous()
-    dx = torch.zeros_like(ops.xa) if need_x else None
+    g = None if g is None else _as(g, ops.xa.dtype)
+    if g is not None and g.dim() == 1 and g.stride(0) not in (0, 1):
+        g = g.contiguous()
+    dS = None if dS is None else _as(dS, ops.xa.dtype).contiguous()
+    dx = torch.empty_like(ops.xa) if need_x else None  # the first chunk's product writes it
     V = torch.empty_like(ops.wa) if need_w else None
     for i, (c0, c1) in enumerate(_chunks(C, ops.step)):
         z, a = cached[i] if cached is not None else ops.forward(c0, c1, True, labels, la, margin)
-        _products(ops, ops.grad(a, c0, c1, z=z, lse=lse, gla=gla, labels=labels, dS=dS), c0, c1, dx, V)
+        ops.grad_products(a, c0, c1, z, lse, g, la, labels, dS, dx, V)
         ops.release(a, z)
     return dx, None if V is None else ops.centers_grad(V)
 
@@ -455,7 +516,7 @@ def _select(t, dim, b):
 
 
 def _out(dx, dw, x: Tensor, w: Tensor, n_none: int) -> tuple:
-    return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype)) + (None,) * n_none
+    return (None if dx is None else _as(dx, x.dtype), None if dw is None else _as(dw, w.dtype)) + (None,) * n_none
 
 
 # ----------------------------------------------------------------------------------------- the loss

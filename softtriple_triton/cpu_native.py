@@ -35,7 +35,7 @@ import torch
 ENV_SWITCH = "SOFTTRIPLE_TRITON_NATIVE"   # "0" = never build or use the native kernels
 ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default ~/.cache/softtriple_triton)
 
-_VERSION = 7  # of the C source: a cached build answering another number is rebuilt
+_VERSION = 8  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
 #include <math.h>
@@ -129,6 +129,13 @@ static inline double st_expb_f64(double x) {
 }
 
 int st_version(void) { return ST_VERSION; }
+
+/* The first index of labels [n] outside [0, C), or -1. */
+int64_t st_labels_bad(int64_t n, const int64_t* labels, int64_t C) {
+    for (int64_t i = 0; i < n; i++)
+        if (labels[i] < 0 || labels[i] >= C) return i;
+    return -1;
+}
 
 void st_exp_f32_array(int64_t n, const float* x, float* y) { for (int64_t i = 0; i < n; i++) y[i] = st_exp_f32(x[i]); }
 void st_exp_f64_array(int64_t n, const double* x, double* y) {
@@ -334,11 +341,14 @@ static real* st_scratch_SFX(int64_t K) { return (real*)malloc(sizeof(real) * (si
    column norms. Writes (each optional, NULL = skip):
      z [m, N]            la S - la margin [class == label]      (the class logits)
      S_out [N, ldS]      S (at S_out[i * ldS + c])              (the logits mode)
-   and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit. */
+   and, when m_run/l_run/zt are given, merges the chunk into the running row max, sum of exp and target logit
+   (starting from none when `init`: the first chunk) and, when rows/lse are given (the last chunk), writes the loss
+   rows (max - z_label) + log(sum) and lse = max + log(sum). */
 void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, const real* restrict rw, real gamma,
                     int bounded, real la, real margin, const int64_t* restrict labels, int64_t c0,
                     real* restrict z, real* restrict S_out, int64_t ldS,
-                    real* restrict m_run, real* restrict l_run, real* restrict zt, int nt) {
+                    real* restrict m_run, real* restrict l_run, real* restrict zt, int init, real* restrict rows,
+                    real* restrict lse, int nt) {
     const real lam = la * margin;
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
     {
@@ -371,12 +381,13 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
             for (int64_t b = 0; b < nbk; b++) {
                 const int64_t i0 = b * RB, ni = N - i0 < RB ? N - i0 : RB;
                 real mx[RB], acc[RB];
-                for (int64_t i = 0; i < ni; i++) mx[i] = m_run[i0 + i];
+                for (int64_t i = 0; i < ni; i++) mx[i] = init ? -(real)INFINITY : m_run[i0 + i];
                 for (int64_t c = 0; c < m; c++) {
                     const real* restrict zc = z + c * N + i0;
                     for (int64_t i = 0; i < ni; i++) mx[i] = zc[i] > mx[i] ? zc[i] : mx[i];
                 }
-                for (int64_t i = 0; i < ni; i++) acc[i] = l_run[i0 + i] * st_exp_SFX(m_run[i0 + i] - mx[i]);
+                for (int64_t i = 0; i < ni; i++)
+                    acc[i] = init ? (real)0 : l_run[i0 + i] * st_exp_SFX(m_run[i0 + i] - mx[i]);
                 for (int64_t c = 0; c < m; c++) {
                     const real* restrict zc = z + c * N + i0;
                     for (int64_t i = 0; i < ni; i++) acc[i] += st_exp_SFX(zc[i] - mx[i]);
@@ -385,7 +396,14 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
                     m_run[i0 + i] = mx[i];
                     l_run[i0 + i] = acc[i];
                     const int64_t rel = labels[i0 + i] - c0;
-                    if (rel >= 0 && rel < m) zt[i0 + i] += z[rel * N + i0 + i];
+                    real t = init ? (real)0 : zt[i0 + i];
+                    if (rel >= 0 && rel < m) t += z[rel * N + i0 + i];
+                    zt[i0 + i] = t;
+                    if (rows) {  /* (max - z_label) + log(sum): a loss near 0 keeps its relative precision */
+                        const real log_l = (real)log((double)acc[i]);
+                        rows[i0 + i] = (mx[i] - t) + log_l;
+                        lse[i0 + i] = mx[i] + log_l;
+                    }
                 }
             }
         }
@@ -394,12 +412,13 @@ void st_forward_SFX(int64_t N, int64_t m, int64_t K, const real* restrict uT, co
 
 /* Backward of one chunk, in place of uT [m*K, N]: dL/du = a G with the factor a = dS/du = rw (e / den)
    (1 + t - S / gamma) recomputed from u, and G = g la (exp(z - lse) - [class == label]) (loss mode, z [m, N])
-   or G = dS[i * ldS + c] (logits mode). Also coef_j = rw_j sum_i dL/du_ij u_ij = rw_j (w_j . V_j), the
+   or G = dS[i * ldS + c] (logits mode); g has the stride ldg (0: one value for every row). Also
+   coef_j = rw_j sum_i dL/du_ij u_ij = rw_j (w_j . V_j), the
    centre-gradient coefficients of the chunk's columns (V = x^T dL/du). */
 void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const real* restrict rw, real gamma,
-                     int bounded, const real* restrict z, const real* restrict lse, const real* restrict g, real la,
-                     const int64_t* restrict labels, int64_t c0, const real* restrict dS, int64_t ldS,
-                     real* restrict coef, int nt) {
+                     int bounded, const real* restrict z, const real* restrict lse, const real* restrict g,
+                     int64_t ldg, real la, const int64_t* restrict labels, int64_t c0, const real* restrict dS,
+                     int64_t ldS, real* restrict coef, int nt) {
     enum { L = 16 };  /* partial sums of the dot products: a fixed order, vectorisable */
     const real inv_gamma = (real)1 / gamma;
     #pragma omp parallel num_threads(nt) if (nt > 1 && N * m * K > 16384)
@@ -421,7 +440,7 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
                     const real* restrict zc = z + c * N + i0;
                     const int64_t* restrict lab = labels + i0;
                     for (int64_t i = 0; i < ni; i++)
-                        G[i] = (la * g[i0 + i])
+                        G[i] = (la * g[(i0 + i) * ldg])
                                * (st_exp_SFX(zc[i] - lse[i0 + i]) - (lab[i] == cg ? (real)1 : (real)0));
                 } else {
                     for (int64_t i = 0; i < ni; i++) G[i] = dS[(i0 + i) * ldS + c];
@@ -464,6 +483,48 @@ void st_backward_SFX(int64_t N, int64_t m, int64_t K, real* restrict uT, const r
         }
         free(dot);
         free(T);
+    }
+}
+
+/* The products by the ILP64 Fortran BLAS gemm torch links (`fn`: sgemm_64_ / dgemm_64_), called from here so that a
+   chunk's product and its pass are one call: C (column-major m x n, ldc) = A^T B^T + beta C, with A column-major
+   k x m (lda) and B column-major n x k (ldb). Every product here is of that form on row-major operands. */
+typedef void (*st_gemm_fn_SFX)(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const real*,
+                               const real*, const int64_t*, const real*, const int64_t*, const real*, real*,
+                               const int64_t*);
+
+void st_gemm_tt_SFX(void* fn, int64_t m, int64_t n, int64_t k, const real* A, int64_t lda, const real* B, int64_t ldb,
+                    real beta, real* C, int64_t ldc) {
+    const real one = 1;
+    ((st_gemm_fn_SFX)fn)("T", "T", &m, &n, &k, &one, A, &lda, B, &ldb, &beta, C, &ldc);
+}
+
+/* One chunk's forward in one call: the inverse column norms of all of w [d, M] first when `norms` (the first chunk),
+   uT = w_chunk^T x^T, then st_forward (see there; rw_all is all M inverse norms). */
+void st_forward_fused_SFX(void* fn, int64_t N, int64_t d, int64_t m, int64_t K, const real* x, int64_t ldx,
+                          const real* w, int64_t ldw, int64_t M, real* rw_all, int norms, real* uT, real gamma,
+                          int bounded, real la, real margin, const int64_t* labels, int64_t c0, real* z, real* S_out,
+                          int64_t ldS, real* m_run, real* l_run, real* zt, int init, real* rows, real* lse, int nt) {
+    if (norms) st_inv_norms_SFX(d, M, w, ldw, rw_all, nt);
+    st_gemm_tt_SFX(fn, N, m * K, d, x, ldx, w + c0 * K, ldw, 0, uT, N);
+    st_forward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, la, margin, labels, c0, z, S_out, ldS, m_run, l_run,
+                   zt, init, rows, lse, nt);
+}
+
+/* One chunk's backward in one call: st_backward (uT -> dL/du in place, the chunk's coef), dx (+)= dL/du w_chunk^T
+   (dx [N, d]; `dx_first`: =), V[:, chunk] = x^T dL/du, and on the last chunk the centre-gradient correction of all
+   of V (st_center_grad with all M coefficients). dx / V NULL: not wanted. */
+void st_backward_fused_SFX(void* fn, int64_t N, int64_t d, int64_t m, int64_t K, const real* x, int64_t ldx,
+                           const real* w, int64_t ldw, int64_t M, const real* rw_all, real* uT, real gamma, int bounded,
+                           const real* z, const real* lse, const real* g, int64_t ldg, real la,
+                           const int64_t* labels, int64_t c0, const real* dS, int64_t ldS, real* coef_all, real* dx,
+                           int dx_first, real* V, int64_t ldv, int last, int nt) {
+    st_backward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, z, lse, g, ldg, la, labels, c0, dS, ldS,
+                    coef_all + c0 * K, nt);
+    if (dx) st_gemm_tt_SFX(fn, d, N, m * K, w + c0 * K, ldw, uT, N, dx_first ? 0 : 1, dx, d);
+    if (V) {
+        st_gemm_tt_SFX(fn, m * K, d, N, uT, N, x, ldx, 0, V + c0 * K, ldv);
+        if (last) st_center_grad_SFX(d, M, V, ldv, w, ldw, rw_all, coef_all, nt);
     }
 }
 """
@@ -564,9 +625,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_inv_norms_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_center_grad_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, cint]
         getattr(lib, f"st_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, real, real, ptr, i64,
-                                                      ptr, ptr, i64, ptr, ptr, ptr, cint]
-        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, real, ptr,
-                                                       i64, ptr, i64, ptr, cint]
+                                                      ptr, ptr, i64, ptr, ptr, ptr, cint, ptr, ptr, cint]
+        getattr(lib, f"st_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, real, cint, ptr, ptr, ptr, i64, real,
+                                                       ptr, i64, ptr, i64, ptr, cint]
         getattr(lib, f"st_exp_{sfx}_array").argtypes = [i64, ptr, ptr]
         getattr(lib, f"st_expb_{sfx}_array").argtypes = [i64, ptr, ptr]
         getattr(lib, f"st_unit_rows_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, cint]
@@ -574,6 +635,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
     lib.st_version.restype = cint
+    for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        getattr(lib, f"st_gemm_tt_{sfx}").argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, real, ptr, i64]
+        getattr(lib, f"st_forward_fused_{sfx}").argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
+                                                            cint, ptr, real, cint, real, real, ptr, i64, ptr, ptr, i64,
+                                                            ptr, ptr, ptr, cint, ptr, ptr, cint]
+        getattr(lib, f"st_backward_fused_{sfx}").argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
+                                                             ptr, real, cint, ptr, ptr, ptr, i64, real, ptr, i64, ptr,
+                                                             i64, ptr, ptr, cint, ptr, i64, cint, cint]
+        for name in ("gemm_tt", "forward_fused", "backward_fused"):
+            getattr(lib, f"st_{name}_{sfx}").restype = None
+    lib.st_labels_bad.argtypes = [i64, ptr, i64]
+    lib.st_labels_bad.restype = i64
 
 
 def library() -> ctypes.CDLL | None:
@@ -653,14 +726,96 @@ def center_grad_(lib, V: torch.Tensor, w: torch.Tensor, rw: torch.Tensor, coef: 
 
 
 def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=0.0, labels=None, z=None,
-                  S_out=None, m_run=None, l_run=None, zt=None) -> None:
-    """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes."""
-    _call(lib, "forward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
-          _p(labels), c0, _p(z), _p(S_out), 0 if S_out is None else S_out.stride(0), _p(m_run), _p(l_run), _p(zt))
+                  S_out=None, state=None, rows=None, lse=None) -> None:
+    """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes.
+    state: [3, N] (running max, sum of exp, target logit), started afresh when c0 == 0; rows, lse: written on the
+    last chunk."""
+    N = uT.shape[1]
+    st = None if state is None else state.data_ptr()
+    es = uT.element_size()
+    _call(lib, "forward", uT, N, m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
+          _p(labels), c0, _p(z), _p(S_out), 0 if S_out is None else S_out.stride(0), st,
+          None if st is None else st + N * es, None if st is None else st + 2 * N * es, int(c0 == 0), _p(rows), _p(lse))
 
 
 def backward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, coef_chunk, c0=0, z=None, lse=None, g=None, la=0.0,
                    labels=None, dS=None) -> None:
-    """In place uT -> dL/du, and the centre-gradient coefficients of the chunk's columns into coef_chunk."""
+    """In place uT -> dL/du, and the centre-gradient coefficients of the chunk's columns into coef_chunk. g [N] may
+    have stride 0 (the gradient of a mean)."""
     _call(lib, "backward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), _p(z),
-          _p(lse), _p(g), la, _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef_chunk.data_ptr())
+          _p(lse), _p(g), 0 if g is None else g.stride(0), la, _p(labels), c0, _p(dS),
+          0 if dS is None else dS.stride(0), coef_chunk.data_ptr())
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The kernels if this process has already built / loaded them (never starts a build)."""
+    return _state["lib"] if _state["tried"] else None
+
+
+def labels_bad(lib, labels: torch.Tensor, num_classes: int) -> int:
+    """The first index of the contiguous int64 CPU labels outside [0, num_classes), or -1."""
+    return lib.st_labels_bad(labels.numel(), labels.data_ptr(), num_classes)
+
+
+# ----------------------------------------------------------------------------------------- the products from C
+_gemm: dict = {}
+
+
+def blas_gemm(lib, dtype: torch.dtype) -> int | None:
+    """Address of the ILP64 Fortran BLAS gemm torch links (sgemm_64_ / dgemm_64_: MKL in the x86 wheels), checked once
+    against torch.mm on a small product with tails; None where there is none (the products stay torch.mm's).
+    ``SOFTTRIPLE_TRITON_NATIVE_GEMM=0`` turns it off."""
+    if dtype in _gemm:
+        return _gemm[dtype]
+    addr = None
+    if os.environ.get(ENV_SWITCH + "_GEMM", "1").strip().lower() not in ("0", "false", "off", "no"):
+        name = "sgemm_64_" if dtype == torch.float32 else "dgemm_64_"
+        for path in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None):
+            try:
+                addr = ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
+                break
+            except (OSError, AttributeError):
+                continue
+        if addr is not None and not _gemm_agrees(lib, addr, dtype):
+            addr = None
+    _gemm[dtype] = addr
+    return addr
+
+
+def _gemm_agrees(lib, addr: int, dtype: torch.dtype) -> bool:
+    """st_gemm_tt through `addr` on m, n, k = 5, 3, 7 against torch: column-major A (k x m, lda = k) is the row-major
+    a [m, k], B (n x k, ldb = n) the row-major b [k, n], and C = A^T B^T (m x n, ldc = m) the row-major (a @ b)^T."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g, dtype=dtype)
+    b = torch.randn(7, 3, generator=g, dtype=dtype)
+    c = torch.full((3, 5), float("nan"), dtype=dtype)
+    fn = getattr(lib, f"st_gemm_tt_{'f64' if dtype == torch.float64 else 'f32'}")
+    fn(addr, 5, 3, 7, a.data_ptr(), 7, b.data_ptr(), 3, 0.0, c.data_ptr(), 5)
+    ref = (a.unsqueeze(2) * b.unsqueeze(0)).sum(dim=1)  # a @ b without a matrix product (no FLOP counter sees it)
+    return bool(torch.allclose(c, ref.t(), rtol=1e-5, atol=1e-5))
+
+
+def forward_fused(lib, gemm, x, w, rw, norms, u, m, K, gamma, bounded, c0, la, margin, labels, z, S_out, state, rows,
+                  lse) -> None:
+    """forward_chunk with its product (and on the first chunk the inverse norms of all of w into rw) in one call:
+    u (flat, m*K*N) gets uT = w_chunk^T x^T. x [N, d], w [d, M] with unit column stride."""
+    N, d = x.shape
+    M = w.shape[1]
+    es = x.element_size()
+    st = None if state is None else state.data_ptr()
+    _call(lib, "forward_fused", x, gemm, N, d, m, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), M,
+          rw.data_ptr(), int(norms), u.data_ptr(), gamma, int(bounded), la, margin, _p(labels), c0, _p(z), _p(S_out),
+          0 if S_out is None else S_out.stride(0), st, None if st is None else st + N * es,
+          None if st is None else st + 2 * N * es, int(c0 == 0), _p(rows), _p(lse))
+
+
+def backward_fused(lib, gemm, x, w, rw, u, m, K, gamma, bounded, c0, z, lse, g, la, labels, dS, coef, dx, V,
+                   last) -> None:
+    """backward_chunk, dx (=, first chunk; +=) dL/du w_chunk^T and V[:, chunk] = x^T dL/du (each skipped when None),
+    and on the last chunk the centre-gradient correction of V, in one call."""
+    N, d = x.shape
+    M = w.shape[1]
+    _call(lib, "backward_fused", x, gemm, N, d, m, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), M,
+          rw.data_ptr(), u.data_ptr(), gamma, int(bounded), _p(z), _p(lse), _p(g), 0 if g is None else g.stride(0), la,
+          _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef.data_ptr(), _p(dx), int(c0 == 0), _p(V),
+          0 if V is None else V.stride(0), int(last))

@@ -40,8 +40,9 @@ def _normalized_rows(embeddings: Tensor, dt: torch.dtype, normalize: bool, acc: 
     (one rounding). F.normalize without overflow for any finite entries; ``native``: by the CPU C kernels where
     they apply (the torch backend)."""
     if not normalize:
-        return embeddings.to(dt)
-    return (unit_rows_fast if native else unit_rows)(embeddings.to(acc)).to(dt)
+        return embeddings if embeddings.dtype == dt else embeddings.to(dt)
+    x = (unit_rows_fast if native else unit_rows)(embeddings if embeddings.dtype == acc else embeddings.to(acc))
+    return x if x.dtype == dt else x.to(dt)
 
 
 def _reference_inputs(embeddings: Tensor, fc: Tensor, normalize: bool, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -82,8 +83,9 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
     be = resolve_backend(backend, embeddings.device, K)
     la, gamma, tau, margin = float(la), float(gamma), float(tau), float(margin)
     acc = acc_dtype(embeddings.dtype, fc.dtype)
+    # under the caller's autocast, if any (no_autocast turns it off below)
+    prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type) if be == "triton" else None
 
-    prod = product_dtype(embeddings.dtype, fc.dtype, embeddings.device.type)
     with no_autocast(embeddings.device):
         if be == "reference":
             meta = embeddings.device.type == "meta"  # the Gram mask's nonzero has no meta kernel: shapes only
@@ -96,6 +98,7 @@ def softtriple_loss(embeddings: Tensor, fc: Tensor, labels: Tensor, centers_per_
         if be == "triton":
             x = _normalized_rows(embeddings, acc, normalize_embeddings, acc)
             keep = torch.is_grad_enabled() and (embeddings.requires_grad or fc.requires_grad)
+            assert prod is not None
             rows = triton_loss_rows(x, fc, labels, LossParams(K, la, gamma, margin), prod, keep)
         else:
             x = _normalized_rows(embeddings, torch.promote_types(embeddings.dtype, fc.dtype), normalize_embeddings,

@@ -16,13 +16,16 @@ from softtriple_triton import _common, cpu, cpu_native
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(params=["native", "torch-ops"])
+@pytest.fixture(params=["native", "native-torch-mm", "torch-ops"])
 def impl(request, monkeypatch):
-    """Both per-chunk implementations: the C kernels and the torch-operation fallback."""
+    """The per-chunk implementations: the C kernels with the products called from C (BLAS gemm), the C kernels with
+    torch.mm's products (where torch links no ILP64 gemm), and the torch-operation fallback."""
     if request.param == "torch-ops":
         monkeypatch.setattr(cpu_native, "library", lambda: None)
     else:
         assert cpu_native.library() is not None, cpu_native.status()
+        if request.param == "native-torch-mm":
+            monkeypatch.setattr(cpu_native, "blas_gemm", lambda lib, dtype: None)
     return request.param
 
 
@@ -49,6 +52,48 @@ def test_native_kernels_are_built_here():
         pytest.fail("no C compiler on this machine: the fused CPU kernels cannot be tested")
     s = cpu_native.status()
     assert s["available"], s
+    lib = cpu_native.library()
+    for dtype in (torch.float32, torch.float64):  # this torch links MKL: the products are called from C
+        assert cpu_native.blas_gemm(lib, dtype) is not None, dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_from_c_are_used_and_checked(dtype, monkeypatch):
+    """The fused C calls (product + pass) run the step when the gemm is found, and a gemm that disagrees with torch
+    on the probe product is refused (here: the probe run with the arguments of another shape)."""
+    lib = cpu_native.library()
+    addr = cpu_native.blas_gemm(lib, dtype)
+    assert addr is not None and cpu_native._gemm_agrees(lib, addr, dtype)
+    calls = []
+    for name in ("forward_fused", "backward_fused"):
+        orig = getattr(cpu_native, name)
+        monkeypatch.setattr(cpu_native, name, lambda *a, _o=orig, _n=name: (calls.append(_n), _o(*a))[1])
+    x, w, y = make_inputs(40, 8, 9, 3, seed=3)
+    x, w = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    st.softtriple_loss(x, w, y, 3, tau=0.0, backend="torch").backward()
+    assert calls == ["forward_fused", "backward_fused"]
+    fn = getattr(lib, f"st_gemm_tt_{'f64' if dtype == torch.float64 else 'f32'}")
+    real = fn
+
+    def shifted(f, m, n, k, *rest):  # what a gemm with another argument convention would compute
+        return real(f, m, n, k - 1, *rest)
+    monkeypatch.setattr(lib, f"st_gemm_tt_{'f64' if dtype == torch.float64 else 'f32'}", shifted)
+    assert not cpu_native._gemm_agrees(lib, addr, dtype)
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["C-check", "torch-check"])
+def test_label_range_check_both_ways(loaded, monkeypatch):
+    """check_labels uses one C loop once the kernels are loaded, torch operations before: same errors."""
+    from softtriple_triton._validation import check_labels
+    assert cpu_native.library() is not None
+    if not loaded:
+        monkeypatch.setattr(cpu_native, "loaded", lambda: None)
+    good = torch.tensor([0, 4, 2, 4])
+    assert torch.equal(check_labels(good, 4, 5, good.device), good)
+    for bad, val in ((torch.tensor([0, 5, 1, 2]), 5), (torch.tensor([0, 1, -1, 2]), -1),
+                     (torch.tensor([3, 2, 1, 7], dtype=torch.int32), 7)):
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 5\).*found {val}"):
+            check_labels(bad, 4, 5, bad.device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -392,9 +437,9 @@ def _graph_names(t):
 def test_the_loss_normalises_embeddings_by_the_c_kernels(impl):
     x, w, y = make_inputs(6, 5, 4, 2, dtype=torch.float32)
     loss = st.softtriple_loss(x.clone().requires_grad_(), w, y, 2, backend="torch")
-    assert ("_UnitRowsNativeBackward" in _graph_names(loss)) == (impl == "native")
+    assert ("_UnitRowsNativeBackward" in _graph_names(loss)) == (impl != "torch-ops")
     logits = st.softtriple_logits(x.clone().requires_grad_(), w, 2, backend="torch")
-    assert ("_UnitRowsNativeBackward" in _graph_names(logits)) == (impl == "native")
+    assert ("_UnitRowsNativeBackward" in _graph_names(logits)) == (impl != "torch-ops")
 
 
 # ------------------------------------------------------------------------------------ fp32 centre gradient
