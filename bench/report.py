@@ -125,17 +125,21 @@ def profile_above_floor(df, device: str, steps: int = 5):
     step, params = P.build("ours", case, x, fc, y, device)
     for _ in range(2):
         step().backward()
+    from softtriple_triton import cpu_native
+    cpu_native.part_timing(True)  # the parts inside the fused C calls (products and passes in one call each)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             for p in params:
                 p.grad = None
             step().backward()
+    parts = {k: v * 1e3 / steps for k, v in cpu_native.part_timing(False).items()}  # ms/step
     ev = prof.key_averages()
     per = lambda keys: sum(e.self_cpu_time_total for e in ev if e.key in keys) / (steps * 1e3)  # noqa: E731 ms/step
     total = sum(e.self_cpu_time_total for e in ev) / (steps * 1e3)
-    gemm = per(GEMM_OPS)
+    in_c = sum(v for k, v in parts.items() if k.endswith("product"))  # products called from the C kernels
+    gemm = per(GEMM_OPS) + in_c
     fused = sorted((e for e in ev if e.key.startswith("softtriple::")), key=lambda e: -e.self_cpu_time_total)
-    fused_ms = sum(e.self_cpu_time_total for e in fused) / (steps * 1e3)
+    fused_ms = sum(e.self_cpu_time_total for e in fused) / (steps * 1e3) - in_c
     other = sorted((e for e in ev if e.key not in GEMM_OPS and not e.key.startswith("softtriple::")),
                    key=lambda e: -e.self_cpu_time_total)[:6]
     tc = dict(N=256, d=512, C=1000, K=10, dtype="fp32", tau=0.0)
@@ -145,9 +149,12 @@ def profile_above_floor(df, device: str, steps: int = 5):
             f"{(ours - floor) * 1e3:.1f} ms above it ({ours / floor:.2f}x). " if np.isfinite(ours) and np.isfinite(floor)
             else "")
     fmt = lambda e: f"{e.key} {e.self_cpu_time_total / (steps * 1e3):.2f} ms ({e.count // steps}/step)"  # noqa: E731
+    inside = ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items() if v > 0)
     text = (lead + f"Profiled ({steps} steps): {total:.1f} ms of operator self time per step: the matrix products "
-            f"{gemm:.1f} ms ({100 * gemm / max(total, 1e-9):.0f}%), the fused C kernels {fused_ms:.1f} ms ("
+            f"{gemm:.1f} ms ({100 * gemm / max(total, 1e-9):.0f}%), the element-wise work of the C kernels "
+            f"{fused_ms:.1f} ms (the C calls: "
             + (", ".join(fmt(e) for e in fused) or "not in use: the pure-torch fallback ran")
+            + (f"; inside them, by the C kernels' own timers: {inside}" if inside else "")
             + f"), everything else {total - gemm - fused_ms:.1f} ms (largest: " + ", ".join(fmt(e) for e in other)
             + ").")
     return text + "\n\n```\n" + ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40) + "\n```"

@@ -38,6 +38,8 @@ ENV_CACHE = "SOFTTRIPLE_TRITON_CACHE"     # folder of the cached build (default 
 _VERSION = 8  # of the C source: a cached build answering another number is rebuilt
 
 _COMMON = r"""
+#define _POSIX_C_SOURCE 199309L
+#include <time.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -129,6 +131,23 @@ static inline double st_expb_f64(double x) {
 }
 
 int st_version(void) { return ST_VERSION; }
+
+/* Seconds spent in the parts of the fused calls while timing is on (bench/report.py's profile): the column norms,
+   the u, dx and V products, the forward and backward passes, the centre-gradient correction. */
+enum { ST_NORMS, ST_U, ST_FWD, ST_BWD, ST_DX, ST_V, ST_CORR, ST_NPARTS };
+static double st_part_s[ST_NPARTS];
+static int st_timing = 0;
+static double st_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#define ST_PART(i, stmt) do { if (st_timing) { double t_ = st_now(); stmt; st_part_s[i] += st_now() - t_; } \
+                              else { stmt; } } while (0)
+void st_part_timing(int on, double* out) {  /* out (ST_NPARTS): the sums so far, then reset */
+    for (int i = 0; i < ST_NPARTS; i++) { if (out) out[i] = st_part_s[i]; st_part_s[i] = 0; }
+    st_timing = on;
+}
 
 /* The first index of labels [n] outside [0, C), or -1. */
 int64_t st_labels_bad(int64_t n, const int64_t* labels, int64_t C) {
@@ -505,10 +524,10 @@ void st_forward_fused_SFX(void* fn, int64_t N, int64_t d, int64_t m, int64_t K, 
                           const real* w, int64_t ldw, int64_t M, real* rw_all, int norms, real* uT, real gamma,
                           int bounded, real la, real margin, const int64_t* labels, int64_t c0, real* z, real* S_out,
                           int64_t ldS, real* m_run, real* l_run, real* zt, int init, real* rows, real* lse, int nt) {
-    if (norms) st_inv_norms_SFX(d, M, w, ldw, rw_all, nt);
-    st_gemm_tt_SFX(fn, N, m * K, d, x, ldx, w + c0 * K, ldw, 0, uT, N);
-    st_forward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, la, margin, labels, c0, z, S_out, ldS, m_run, l_run,
-                   zt, init, rows, lse, nt);
+    if (norms) ST_PART(ST_NORMS, st_inv_norms_SFX(d, M, w, ldw, rw_all, nt));
+    ST_PART(ST_U, st_gemm_tt_SFX(fn, N, m * K, d, x, ldx, w + c0 * K, ldw, 0, uT, N));
+    ST_PART(ST_FWD, st_forward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, la, margin, labels, c0, z, S_out, ldS,
+                                   m_run, l_run, zt, init, rows, lse, nt));
 }
 
 /* One chunk's backward in one call: st_backward (uT -> dL/du in place, the chunk's coef), dx (+)= dL/du w_chunk^T
@@ -519,12 +538,12 @@ void st_backward_fused_SFX(void* fn, int64_t N, int64_t d, int64_t m, int64_t K,
                            const real* z, const real* lse, const real* g, int64_t ldg, real la,
                            const int64_t* labels, int64_t c0, const real* dS, int64_t ldS, real* coef_all, real* dx,
                            int dx_first, real* V, int64_t ldv, int last, int nt) {
-    st_backward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, z, lse, g, ldg, la, labels, c0, dS, ldS,
-                    coef_all + c0 * K, nt);
-    if (dx) st_gemm_tt_SFX(fn, d, N, m * K, w + c0 * K, ldw, uT, N, dx_first ? 0 : 1, dx, d);
+    ST_PART(ST_BWD, st_backward_SFX(N, m, K, uT, rw_all + c0 * K, gamma, bounded, z, lse, g, ldg, la, labels, c0, dS,
+                                    ldS, coef_all + c0 * K, nt));
+    if (dx) ST_PART(ST_DX, st_gemm_tt_SFX(fn, d, N, m * K, w + c0 * K, ldw, uT, N, dx_first ? 0 : 1, dx, d));
     if (V) {
-        st_gemm_tt_SFX(fn, m * K, d, N, uT, N, x, ldx, 0, V + c0 * K, ldv);
-        if (last) st_center_grad_SFX(d, M, V, ldv, w, ldw, rw_all, coef_all, nt);
+        ST_PART(ST_V, st_gemm_tt_SFX(fn, m * K, d, N, uT, N, x, ldx, 0, V + c0 * K, ldv));
+        if (last) ST_PART(ST_CORR, st_center_grad_SFX(d, M, V, ldv, w, ldw, rw_all, coef_all, nt));
     }
 }
 """
@@ -645,6 +664,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                              i64, ptr, ptr, cint, ptr, i64, cint, cint]
         for name in ("gemm_tt", "forward_fused", "backward_fused"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
+    lib.st_part_timing.argtypes = [cint, ptr]
+    lib.st_part_timing.restype = None
     lib.st_labels_bad.argtypes = [i64, ptr, i64]
     lib.st_labels_bad.restype = i64
 
@@ -819,3 +840,18 @@ def backward_fused(lib, gemm, x, w, rw, u, m, K, gamma, bounded, c0, z, lse, g, 
           rw.data_ptr(), u.data_ptr(), gamma, int(bounded), _p(z), _p(lse), _p(g), 0 if g is None else g.stride(0), la,
           _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef.data_ptr(), _p(dx), int(c0 == 0), _p(V),
           0 if V is None else V.stride(0), int(last))
+
+
+PARTS = ("column norms", "u product", "forward pass", "backward pass", "dx product", "V product",
+         "centre-gradient correction")
+
+
+def part_timing(on: bool) -> dict:
+    """Turn the fused calls' part timers on/off; returns the seconds summed per part since the last call (a profile
+    of what a step spends inside forward_fused / backward_fused; the timers cost two clock reads per part)."""
+    lib = library()
+    if lib is None:
+        return {}
+    out = (ctypes.c_double * len(PARTS))()
+    lib.st_part_timing(int(on), out)
+    return dict(zip(PARTS, list(out)))

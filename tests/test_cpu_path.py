@@ -4,6 +4,7 @@ every autograd mode (inference, double backward, torch.func), at extreme scale, 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -461,3 +462,19 @@ def test_fp32_centre_gradient_matches_the_oracle(shape, chunks, budget):
     got = loss_and_grads(lambda a, b: _logits("torch", K)(a, b) * g, x, w)
     want = loss_and_grads(lambda a, b: _logits("reference", K)(a, b) * g.double(), x.double(), w.double())
     assert rel_err(got[2], want[2]) <= 1e-5
+
+
+def test_part_timers_of_the_fused_calls():
+    """The C calls' part timers (bench/report.py's profile) see every part of a step and nothing when off."""
+    x, w, y = make_inputs(64, 16, 30, 4, dtype=torch.float32, seed=2)
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    cpu_native.part_timing(True)
+    t0 = time.perf_counter()
+    st.softtriple_loss(x, w, y, 4, tau=0.0, backend="torch").backward()
+    elapsed = time.perf_counter() - t0
+    parts = cpu_native.part_timing(False)
+    assert set(parts) == set(cpu_native.PARTS)
+    assert all(v > 0 for v in parts.values()), parts
+    assert sum(parts.values()) <= elapsed
+    st.softtriple_loss(x, w, y, 4, tau=0.0, backend="torch").backward()
+    assert all(v == 0 for v in cpu_native.part_timing(False).values())
