@@ -279,12 +279,12 @@ class _NativeChunks(_TorchChunks):
 
     def __init__(self, xa: Tensor, wa: Tensor, K: int, gamma: float, bounded: bool, lib):
         self.xa, self.wa, self.K, self.gamma, self.bounded, self.lib = xa, wa, K, gamma, bounded, lib
-        if wa.stride(1) != 1:
+        if wa.stride(1) != 1 or wa.stride(0) < wa.shape[1]:  # rows that overlap (expanded): BLAS needs lda >= M
             self.wa = wa = wa.contiguous()
         # the products from C (BLAS gemm torch links, one call per chunk with its pass): no torch dispatch and no
         # Python between a product and its pass, each of which costs ~0.1 ms right after a large product here
         self.gemm = cpu_native.blas_gemm(lib, xa.dtype)
-        if self.gemm is not None and xa.stride(1) != 1:
+        if self.gemm is not None and (xa.stride(1) != 1 or xa.stride(0) < xa.shape[1]):
             self.xa = xa = xa.contiguous()
         self.rw = torch.empty(wa.shape[1], dtype=wa.dtype)
         if self.gemm is None:  # else the first chunk's forward call computes them

@@ -515,6 +515,11 @@ typedef void (*st_gemm_fn_SFX)(const char*, const char*, const int64_t*, const i
 void st_gemm_tt_SFX(void* fn, int64_t m, int64_t n, int64_t k, const real* A, int64_t lda, const real* B, int64_t ldb,
                     real beta, real* C, int64_t ldc) {
     const real one = 1;
+    if (m == 0 || n == 0) return;
+    /* BLAS wants every leading dimension >= 1 even where a dimension is 0 (an empty batch) */
+    lda = lda < 1 ? 1 : lda;
+    ldb = ldb < 1 ? 1 : ldb;
+    ldc = ldc < 1 ? 1 : ldc;
     ((st_gemm_fn_SFX)fn)("T", "T", &m, &n, &k, &one, A, &lda, B, &ldb, &beta, C, &ldc);
 }
 

@@ -478,3 +478,25 @@ def test_part_timers_of_the_fused_calls():
     assert sum(parts.values()) <= elapsed
     st.softtriple_loss(x, w, y, 4, tau=0.0, backend="torch").backward()
     assert all(v == 0 for v in cpu_native.part_timing(False).values())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_strided_and_expanded_inputs(impl, normalize):
+    """Views with any strides (expanded rows of stride 0, transposed, column slices) give the oracle's loss and
+    gradients: the products from C need leading dimensions of at least a row (they get contiguous copies)."""
+    g = torch.Generator().manual_seed(4)
+    row = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    base_x = torch.randn(6, 9, generator=g, dtype=torch.float64)  # transposed: [9, 6] with strides (1, 9)
+    big_w = torch.randn(6, 40, generator=g, dtype=torch.float64)  # a column slice: [6, 24] with stride 40
+    w_row = torch.randn(1, 24, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 8, (9,), generator=g)
+    w_t = torch.randn(24, 6, generator=g, dtype=torch.float64)  # transposed: [6, 24] with strides (1, 6)
+    for x0, w0 in ((row.expand(9, 6), big_w[:, 8:32]), (base_x.t(), w_row.expand(6, 24)), (base_x.t(), w_t.t())):
+        x, w = x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
+        want = loss_and_grads(_loss("reference", y, 3, normalize_embeddings=normalize), x, w)
+        xv, wv = x0.detach().requires_grad_(), w0.detach().requires_grad_()
+        got = st.softtriple_loss(xv, wv, y, 3, la=20.0, gamma=0.1, tau=0.0, margin=0.05, backend="torch",
+                                 normalize_embeddings=normalize)
+        got.backward()
+        assert rel_err(got, want[0]) <= 1e-12
+        assert rel_err(xv.grad, want[1]) <= 1e-10 and rel_err(wv.grad, want[2]) <= 1e-10
