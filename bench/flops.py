@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import os
 import sys
 
@@ -82,20 +83,22 @@ class MatrixWork(contextlib.ContextDecorator):
             self._wrapped[name] = real
             setattr(fused, name, self._counted(real))
         self._native = {}
-        for name, products in (("forward_fused", lambda a: 1),
-                               ("backward_fused", lambda a: (a[18] is not None) + (a[19] is not None))):
+        for name in ("forward_fused", "backward_fused"):
             real = getattr(cpu_native, name)
             self._native[name] = real
-            setattr(cpu_native, name, self._counted_native(real, products))
+            setattr(cpu_native, name, self._counted_native(real))
         self._outer = _mode()
         self._outer.__enter__()
         return self
 
-    def _counted_native(self, fn, products):
-        def run(*args):  # (lib, gemm, x [N, d], w, rw, ..., m = args[6 or 5], K = next): products of 2 N d m K
-            N, d = args[2].shape
-            m, K = (args[7], args[8]) if fn.__name__ == "forward_fused" else (args[6], args[7])
-            self.torch += products(args) * 2 * N * d * m * K
+    def _counted_native(self, fn):
+        sig = inspect.signature(fn)
+
+        def run(*args):  # products of 2 N d m K each: the u product (forward), dx and / or V (backward)
+            a = sig.bind(*args).arguments
+            N, d = a["x"].shape
+            products = 1 if "dx" not in a else (a["dx"] is not None) + (a["V"] is not None)
+            self.torch += products * 2 * N * d * a["m"] * a["K"]
             return fn(*args)
         return run
 

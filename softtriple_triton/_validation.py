@@ -128,13 +128,11 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> Tens
         lib = cpu_native.loaded()  # one C loop instead of four small operations (when the kernels are loaded)
         if lib is not None and plain.dtype == torch.int64 and plain.is_contiguous() and not plain.is_sparse:
             i = cpu_native.labels_bad(lib, plain, num_classes)
-            if i >= 0:
-                raise ValueError(f"labels must be in [0, {num_classes}) (num_classes = fc.shape[1] // "
-                                 f"centers_per_class); found {plain.view(-1)[i].item()}")
-            return labels
-        in_range = (plain >= 0) & (plain < num_classes)
-        if not bool(in_range.all()):
-            bad = plain[~in_range][0].item()
+            bad = None if i < 0 else plain.view(-1)[i].item()
+        else:
+            in_range = (plain >= 0) & (plain < num_classes)
+            bad = None if bool(in_range.all()) else plain[~in_range][0].item()
+        if bad is not None:
             raise ValueError(f"labels must be in [0, {num_classes}) (num_classes = fc.shape[1] // "
                              f"centers_per_class); found {bad}")
     else:

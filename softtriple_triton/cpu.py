@@ -286,12 +286,12 @@ class _NativeChunks(_TorchChunks):
         self.gemm = cpu_native.blas_gemm(lib, xa.dtype)
         if self.gemm is not None and (xa.stride(1) != 1 or xa.stride(0) < xa.shape[1]):
             self.xa = xa = xa.contiguous()
-        self.rw = torch.empty(wa.shape[1], dtype=wa.dtype)
-        if self.gemm is None:  # else the first chunk's forward call computes them
-            self.rw = cpu_native.inv_norms(lib, wa)
+        # with the products from C, the first forward call computes the inverse norms (a backward that recomputes
+        # the chunks reuses them)
+        self.rw_ready = self.gemm is None
+        self.rw = cpu_native.inv_norms(lib, wa) if self.rw_ready else torch.empty(wa.shape[1], dtype=wa.dtype)
         self.step = _chunk_classes(xa.shape[0], wa.shape[1] // K, K, xa.element_size())
         self.coef: Tensor | None = None
-        self.corrected = False  # V went through the centre-gradient correction in the last chunk's backward call
 
     def loss_state(self, N: int):
         """[4, N]: the running (max, sum of exp, target logit) over the chunks, started by the first chunk's kernel,
@@ -312,8 +312,9 @@ class _NativeChunks(_TorchChunks):
                 rows, lse = state[1], run[3]
         S_part = None if S_out is None else S_out[:, c0:]
         if self.gemm is not None:
-            cpu_native.forward_fused(self.lib, self.gemm, self.xa, self.wa, self.rw, c0 == 0, u, m, K, self.gamma,
-                                     self.bounded, c0, la, margin, labels, z, S_part, run, rows, lse)
+            cpu_native.forward_fused(self.lib, self.gemm, self.xa, self.wa, self.rw, not self.rw_ready, u, m, K,
+                                     self.gamma, self.bounded, c0, la, margin, labels, z, S_part, run, rows, lse)
+            self.rw_ready = True
             uT = u.view(m * K, N)
         else:
             uT = torch.mm(self.wa[:, c0 * K:c1 * K].t(), self.xa.t(), out=u.view(m * K, N))
@@ -324,26 +325,26 @@ class _NativeChunks(_TorchChunks):
             return z, None
         return z, u
 
-    def grad(self, u, c0, c1, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> Tensor:
-        N, K, m = self.xa.shape[0], self.K, c1 - c0
+    def _coefs(self) -> Tensor:
+        """The centre-gradient coefficients of all columns (filled chunk by chunk by the backward kernel)."""
         if self.coef is None:
             self.coef = torch.empty(self.wa.shape[1], dtype=self.wa.dtype)
+        return self.coef
+
+    def grad(self, u, c0, c1, z=None, lse=None, g=None, la=0.0, labels=None, dS=None) -> Tensor:
+        N, K, m = self.xa.shape[0], self.K, c1 - c0
         cols = slice(c0 * K, c1 * K)
         uT = u.view(m * K, N)
-        cpu_native.backward_chunk(self.lib, uT, self.rw[cols], m, K, self.gamma, self.bounded, self.coef[cols], c0,
+        cpu_native.backward_chunk(self.lib, uT, self.rw[cols], m, K, self.gamma, self.bounded, self._coefs()[cols], c0,
                                   z=z, lse=lse, g=g, la=la, labels=labels, dS=None if dS is None else dS[:, c0:])
         return uT.t()
 
     def grad_products(self, a, c0, c1, z, lse, g, la, labels, dS, dx, V) -> None:
         if self.gemm is None:
             return super().grad_products(a, c0, c1, z, lse, g, la, labels, dS, dx, V)
-        if self.coef is None:
-            self.coef = torch.empty(self.wa.shape[1], dtype=self.wa.dtype)
-        last = c1 * self.K == self.wa.shape[1]
         cpu_native.backward_fused(self.lib, self.gemm, self.xa, self.wa, self.rw, a, c1 - c0, self.K, self.gamma,
                                   self.bounded, c0, z, lse, g, la, labels, None if dS is None else dS[:, c0:],
-                                  self.coef, dx, V, last)
-        self.corrected = V is not None and last
+                                  self._coefs(), dx, V, c1 * self.K == self.wa.shape[1])
 
     def release(self, u, z) -> None:
         for buf in (u, z):
@@ -351,8 +352,7 @@ class _NativeChunks(_TorchChunks):
                 _give(buf.view(-1))
 
     def centers_grad(self, V: Tensor) -> Tensor:
-        if self.corrected:
-            self.corrected = False
+        if self.gemm is not None:  # the last chunk's backward call has corrected V already
             return V
         assert self.coef is not None, "centers_grad after grad"
         return cpu_native.center_grad_(self.lib, V, self.wa, self.rw, self.coef)

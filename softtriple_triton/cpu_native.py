@@ -656,10 +656,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_expb_{sfx}_array").argtypes = [i64, ptr, ptr]
         getattr(lib, f"st_unit_rows_{sfx}").argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, cint]
         getattr(lib, f"st_unit_rows_backward_{sfx}").argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr, ptr, cint]
-        for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward"):
-            getattr(lib, f"st_{name}_{sfx}").restype = None
-    lib.st_version.restype = cint
-    for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         getattr(lib, f"st_gemm_tt_{sfx}").argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, real, ptr, i64]
         getattr(lib, f"st_forward_fused_{sfx}").argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
                                                             cint, ptr, real, cint, real, real, ptr, i64, ptr, ptr, i64,
@@ -667,12 +663,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"st_backward_fused_{sfx}").argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr,
                                                              ptr, real, cint, ptr, ptr, ptr, i64, real, ptr, i64, ptr,
                                                              i64, ptr, ptr, cint, ptr, i64, cint, cint]
-        for name in ("gemm_tt", "forward_fused", "backward_fused"):
+        for name in ("inv_norms", "center_grad", "forward", "backward", "unit_rows", "unit_rows_backward", "gemm_tt",
+                     "forward_fused", "backward_fused"):
             getattr(lib, f"st_{name}_{sfx}").restype = None
+    lib.st_version.restype = cint
     lib.st_part_timing.argtypes = [cint, ptr]
     lib.st_part_timing.restype = None
     lib.st_labels_bad.argtypes = [i64, ptr, i64]
     lib.st_labels_bad.restype = i64
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
 
 
 def library() -> ctypes.CDLL | None:
@@ -681,7 +683,7 @@ def library() -> ctypes.CDLL | None:
         return _state["lib"]
     with _lock:
         if not _state["tried"]:
-            if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+            if _switched_off(ENV_SWITCH):
                 _state["why"] = f"disabled by {ENV_SWITCH}"
             else:
                 t0 = time.perf_counter()
@@ -716,6 +718,20 @@ def _call(lib, name: str, t: torch.Tensor, *args) -> None:
 
 def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _ps(t: torch.Tensor | None) -> tuple[int | None, int]:
+    """(pointer, stride of the first dimension) of an optional tensor; (None, 0) for None."""
+    return (None, 0) if t is None else (t.data_ptr(), t.stride(0))
+
+
+def _run_state(state: torch.Tensor | None, c0: int) -> tuple:
+    """The C forward's (m_run, l_run, zt, init) pointers from the [3+, N] running state (rows of it); init on the
+    first chunk (c0 == 0)."""
+    if state is None:
+        return None, None, None, int(c0 == 0)
+    p, step = state.data_ptr(), state.stride(0) * state.element_size()
+    return p, p + step, p + 2 * step, int(c0 == 0)
 
 
 def inv_norms(lib, w: torch.Tensor) -> torch.Tensor:
@@ -756,12 +772,8 @@ def forward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, c0=0, la=0.0, margin=
     """One chunk's forward from uT [m*K, N] (read only); see st_forward in the C source for what it writes.
     state: [3, N] (running max, sum of exp, target logit), started afresh when c0 == 0; rows, lse: written on the
     last chunk."""
-    N = uT.shape[1]
-    st = None if state is None else state.data_ptr()
-    es = uT.element_size()
-    _call(lib, "forward", uT, N, m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
-          _p(labels), c0, _p(z), _p(S_out), 0 if S_out is None else S_out.stride(0), st,
-          None if st is None else st + N * es, None if st is None else st + 2 * N * es, int(c0 == 0), _p(rows), _p(lse))
+    _call(lib, "forward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), la, margin,
+          _p(labels), c0, _p(z), *_ps(S_out), *_run_state(state, c0), _p(rows), _p(lse))
 
 
 def backward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, coef_chunk, c0=0, z=None, lse=None, g=None, la=0.0,
@@ -769,8 +781,7 @@ def backward_chunk(lib, uT, rw_chunk, m, K, gamma, bounded, coef_chunk, c0=0, z=
     """In place uT -> dL/du, and the centre-gradient coefficients of the chunk's columns into coef_chunk. g [N] may
     have stride 0 (the gradient of a mean)."""
     _call(lib, "backward", uT, uT.shape[1], m, K, uT.data_ptr(), rw_chunk.data_ptr(), gamma, int(bounded), _p(z),
-          _p(lse), _p(g), 0 if g is None else g.stride(0), la, _p(labels), c0, _p(dS),
-          0 if dS is None else dS.stride(0), coef_chunk.data_ptr())
+          _p(lse), *_ps(g), la, _p(labels), c0, *_ps(dS), coef_chunk.data_ptr())
 
 
 def loaded() -> ctypes.CDLL | None:
@@ -789,12 +800,12 @@ _gemm: dict = {}
 
 def blas_gemm(lib, dtype: torch.dtype) -> int | None:
     """Address of the ILP64 Fortran BLAS gemm torch links (sgemm_64_ / dgemm_64_: MKL in the x86 wheels), checked once
-    against torch.mm on a small product with tails; None where there is none (the products stay torch.mm's).
-    ``SOFTTRIPLE_TRITON_NATIVE_GEMM=0`` turns it off."""
+    against torch's arithmetic on a small product with tails (_gemm_agrees); None where there is none (the products
+    stay torch.mm's). ``SOFTTRIPLE_TRITON_NATIVE_GEMM=0`` turns it off."""
     if dtype in _gemm:
         return _gemm[dtype]
     addr = None
-    if os.environ.get(ENV_SWITCH + "_GEMM", "1").strip().lower() not in ("0", "false", "off", "no"):
+    if not _switched_off(ENV_SWITCH + "_GEMM"):
         name = "sgemm_64_" if dtype == torch.float32 else "dgemm_64_"
         for path in (os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"), None):
             try:
@@ -826,13 +837,9 @@ def forward_fused(lib, gemm, x, w, rw, norms, u, m, K, gamma, bounded, c0, la, m
     """forward_chunk with its product (and on the first chunk the inverse norms of all of w into rw) in one call:
     u (flat, m*K*N) gets uT = w_chunk^T x^T. x [N, d], w [d, M] with unit column stride."""
     N, d = x.shape
-    M = w.shape[1]
-    es = x.element_size()
-    st = None if state is None else state.data_ptr()
-    _call(lib, "forward_fused", x, gemm, N, d, m, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), M,
-          rw.data_ptr(), int(norms), u.data_ptr(), gamma, int(bounded), la, margin, _p(labels), c0, _p(z), _p(S_out),
-          0 if S_out is None else S_out.stride(0), st, None if st is None else st + N * es,
-          None if st is None else st + 2 * N * es, int(c0 == 0), _p(rows), _p(lse))
+    _call(lib, "forward_fused", x, gemm, N, d, m, K, *_ps(x), *_ps(w), w.shape[1], rw.data_ptr(), int(norms),
+          u.data_ptr(), gamma, int(bounded), la, margin, _p(labels), c0, _p(z), *_ps(S_out), *_run_state(state, c0),
+          _p(rows), _p(lse))
 
 
 def backward_fused(lib, gemm, x, w, rw, u, m, K, gamma, bounded, c0, z, lse, g, la, labels, dS, coef, dx, V,
@@ -840,11 +847,9 @@ def backward_fused(lib, gemm, x, w, rw, u, m, K, gamma, bounded, c0, z, lse, g, 
     """backward_chunk, dx (=, first chunk; +=) dL/du w_chunk^T and V[:, chunk] = x^T dL/du (each skipped when None),
     and on the last chunk the centre-gradient correction of V, in one call."""
     N, d = x.shape
-    M = w.shape[1]
-    _call(lib, "backward_fused", x, gemm, N, d, m, K, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), M,
-          rw.data_ptr(), u.data_ptr(), gamma, int(bounded), _p(z), _p(lse), _p(g), 0 if g is None else g.stride(0), la,
-          _p(labels), c0, _p(dS), 0 if dS is None else dS.stride(0), coef.data_ptr(), _p(dx), int(c0 == 0), _p(V),
-          0 if V is None else V.stride(0), int(last))
+    _call(lib, "backward_fused", x, gemm, N, d, m, K, *_ps(x), *_ps(w), w.shape[1], rw.data_ptr(), u.data_ptr(), gamma,
+          int(bounded), _p(z), _p(lse), *_ps(g), la, _p(labels), c0, *_ps(dS), coef.data_ptr(), _p(dx), int(c0 == 0),
+          *_ps(V), int(last))
 
 
 PARTS = ("column norms", "u product", "forward pass", "backward pass", "dx product", "V product",
